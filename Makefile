@@ -1,0 +1,32 @@
+# `make test` and `make bench` set themselves up: a virtual environment in
+# .venv with the package installed (editable) and its [test] extra.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow bench demo clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	@start=$$(date +%s); \
+	$(PY) -m pytest -n 2 -m "not slow" tests; status=$$?; \
+	echo "make test: suite took $$(( $$(date +%s) - start )) s"; exit $$status
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow tests
+
+bench: $(STAMP)
+	$(PY) -m experiments.op_bench
+
+demo:
+	@echo "make demo arrives with the training issue (the LM, data and training loop); see README.md."
+	@exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,50 @@
+"""Argument checks shared by the ops: one clear line per bad argument."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+
+def shape_str(shape: Sequence[object]) -> str:
+  return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_shape(name: str, x, expected: Sequence[object]) -> None:
+  """Raises if ``x.shape`` differs from ``expected`` (ints or symbolic names)."""
+  ok = len(x.shape) == len(expected) and all(
+      not isinstance(e, int) or d == e for d, e in zip(x.shape, expected))
+  if not ok:
+    raise ValueError(
+        f"{name} has shape {shape_str(x.shape)}; expected {shape_str(expected)}")
+
+
+def check_floating(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")
+
+
+def check_segment_ids(segment_ids, batch: int, time: int) -> None:
+  if segment_ids is None:
+    return
+  check_shape("segment_ids", segment_ids, (batch, time))
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(
+        f"segment_ids has dtype {segment_ids.dtype}; expected an integer dtype")
+
+
+def check_positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r}; expected a positive int")
+
+
+def segment_starts(segment_ids, time_axis_len: int | None = None):
+  """``[B, T]`` bool: True where a new document starts (never at t = 0).
+
+  Position 0 continues whatever state the call was given, so the initial
+  state always flows into the first segment of a row.
+  """
+  del time_axis_len
+  changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.pad(changed, ((0, 0), (1, 0)))
