@@ -74,12 +74,18 @@ _PARALLEL_MAX_T = 256
 # Shared conventions of the private implementations below:
 #   q, k [B, T, H, K]; v [B, T, H, V] (V includes the normaliser column);
 #   g [B, T, H, G] float32 log-decays with G = 1 (scalar/none) or K (vector);
-#   s0 [B, H, K, V]; doc [B, T] int32 document index, non-decreasing, 0 at t=0.
+#   s0 [B, H, K, V]; doc [B, T] int32 document index, non-decreasing, 0 at t=0,
+#   or None for a single document (the fast path skips every document mask).
 # Each returns (o [B, T, H, V], S_final [B, H, K, V]) in float32.
+
+
+def _one_document(q):
+  return jnp.zeros(q.shape[:2], jnp.int32)
 
 
 def _recurrent(q, k, v, g, s0, doc, *, causal, chunk_size):
   del chunk_size
+  doc = _one_document(q) if doc is None else doc
   reset = _checks.segment_starts(doc)
 
   def step(state, inputs):
@@ -108,6 +114,7 @@ def _masked_exp(mask, exponent):
 
 def _parallel_causal(q, k, v, g, s0, doc, *, chunk_size):
   del chunk_size
+  doc = _one_document(q) if doc is None else doc
   time = q.shape[1]
   cum = jnp.cumsum(g, axis=1)  # [B, T, H, G]
   tril = jnp.tril(jnp.ones((time, time), bool))
@@ -135,21 +142,25 @@ def _vector_intra(q, k, v, b, same_doc, sub):
   """``o_i = Σ_{j≤i, same doc} (Σ_c q_ic k_jc e^{b_ic − b_jc}) v_j`` inside each chunk.
 
   q, k, b: ``[B, H, N, C, K]`` (b: the inclusive in-chunk cumulated
-  log-decay); v: ``[B, H, N, C, V]``; same_doc: ``[B, N, C, C]`` bool.
+  log-decay); v: ``[B, H, N, C, V]``; same_doc: ``[B, N, C, C]`` bool, or None
+  for a single document.
   Returns ``[B, H, N, C, V]``. See the module docstring for the sub-chunk split.
   """
   *lead, chunk, dim = q.shape
   n = chunk // sub
   split = lambda x: x.reshape(*lead, n, sub, x.shape[-1])
   qs, ks, vs, bs = split(q), split(k), split(v), split(b)
-  same_doc = same_doc.reshape(same_doc.shape[0], 1, -1, n, sub, chunk)  # [B, 1, N, n, sub, C]
+  if same_doc is not None:
+    same_doc = same_doc.reshape(same_doc.shape[0], 1, -1, n, sub, chunk)  # [B, 1, N, n, sub, C]
 
   # Diagonal sub-chunk blocks, element-wise over [..., n, sub, sub, K].
   tri = np.tril(np.ones((sub, sub), bool))
   decay = _masked_exp(tri[:, :, None], bs[..., :, None, :] - bs[..., None, :, :])
   diag = jnp.einsum("...nik,...njk,...nijk->...nij", qs, ks, decay)
-  block_doc = jnp.stack([same_doc[..., i, :, i * sub:(i + 1) * sub] for i in range(n)], -3)
-  o = jnp.einsum("...nij,...njv->...niv", jnp.where(block_doc, diag, 0.0), vs)
+  if same_doc is not None:
+    block_doc = jnp.stack([same_doc[..., i, :, i * sub:(i + 1) * sub] for i in range(n)], -3)
+    diag = jnp.where(block_doc, diag, 0.0)
+  o = jnp.einsum("...nij,...njv->...niv", diag, vs)
   if n > 1:
     # Blocks left of the diagonal: matmuls against keys rescaled to r_I, the
     # cumulated log-decay just before query sub-chunk I.
@@ -159,7 +170,9 @@ def _vector_intra(q, k, v, b, same_doc, sub):
     k_ref = k[..., None, :, :] * _masked_exp(
         before[:, :, None], ref[..., :, None, :] - b[..., None, :, :])  # [..., n, C, K]
     off_diag = jnp.einsum("...nik,...njk->...nij", q_ref, k_ref)  # [..., n, sub, C]
-    o = o + jnp.einsum("...nij,...jv->...niv", jnp.where(same_doc, off_diag, 0.0), v)
+    if same_doc is not None:
+      off_diag = jnp.where(same_doc, off_diag, 0.0)
+    o = o + jnp.einsum("...nij,...jv->...niv", off_diag, v)
   return o.reshape(*lead, chunk, v.shape[-1])
 
 
@@ -176,23 +189,31 @@ def _chunked_causal(q, k, v, g, s0, doc, *, chunk_size):
     # state is untouched by the padding.
     pad_t = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     q, k, v, g = pad_t(q), pad_t(k), pad_t(v), pad_t(g)
-    doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
+    if doc is not None:
+      doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
 
   # [B, T, H, X] -> [B, H, N, C, X]
   to_chunks = lambda x: x.reshape(batch, n, chunk, heads, x.shape[-1]).transpose(0, 3, 1, 2, 4)
   q, k, v, g = to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g)
-  doc = doc.reshape(batch, n, chunk)
 
   b = jnp.cumsum(g, axis=3)  # [B, H, N, C, G], in-chunk, inclusive
   b_last = b[:, :, :, -1]  # [B, H, N, G]
-  doc_in = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # doc of S_{n-1}
-  sees_state = (doc == doc_in[..., None])[:, None, :, :, None]  # [B, 1, N, C, 1]
-  reaches_end = (doc == doc[:, :, -1:])[:, None, :, :, None]
+  if doc is None:
+    sees_state = reaches_end = True
+    same_doc = None
+  else:
+    doc = doc.reshape(batch, n, chunk)
+    doc_in = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # doc of S_{n-1}
+    sees_state = (doc == doc_in[..., None])[:, None, :, :, None]  # [B, 1, N, C, 1]
+    reaches_end = (doc == doc[:, :, -1:])[:, None, :, :, None]
+    same_doc = doc[:, :, :, None] == doc[:, :, None, :]  # [B, N, Ci, Cj]
 
   # Chunk states: S_n = diag(e^{b_C}) S_{n-1} + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ.
   k_end = k * _masked_exp(reaches_end, b_last[:, :, :, None] - b)
   chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", k_end, v)
-  chunk_decay = jnp.where(sees_state[:, :, :, -1], jnp.exp(b_last), 0.0)  # [B, H, N, G]
+  chunk_decay = jnp.exp(b_last)  # [B, H, N, G]
+  if doc is not None:
+    chunk_decay = jnp.where(sees_state[:, :, :, -1], chunk_decay, 0.0)
 
   def step(state, inputs):
     decay, kv = inputs
@@ -205,11 +226,12 @@ def _chunked_causal(q, k, v, g, s0, doc, *, chunk_size):
   q_in = jnp.where(sees_state, q * jnp.exp(b), 0.0)
   o = jnp.einsum("bhnck,bhnkv->bhncv", q_in, s_in)
 
-  same_doc = doc[:, :, :, None] == doc[:, :, None, :]  # [B, N, Ci, Cj]
   if vector:
     o = o + _vector_intra(q, k, v, b, same_doc, sub)
   else:
-    mask = (same_doc & np.tril(np.ones((chunk, chunk), bool)))[:, None]
+    mask = np.tril(np.ones((chunk, chunk), bool))
+    if doc is not None:
+      mask = (same_doc & mask)[:, None]
     b0 = b[..., 0]
     scores = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _masked_exp(
         mask, b0[..., :, None] - b0[..., None, :])
@@ -234,7 +256,7 @@ def _noncausal(causal_fn, q, k, v, g, s0, doc):
   no_decay = jnp.zeros(g.shape[:-1] + (1,), g.dtype)
   o_fwd, s_final = causal_fn(q, k_tilde, v, no_decay, s0_tilde, doc)
   flip = lambda x: jnp.flip(x, 1)
-  doc_rev = doc[:, -1:] - flip(doc)
+  doc_rev = None if doc is None else doc[:, -1:] - flip(doc)
   o_bwd, _ = causal_fn(flip(q), flip(k_tilde), flip(v), no_decay, jnp.zeros_like(s0), doc_rev)
   diag = jnp.einsum("bthk,bthk->bth", q, k_tilde)[..., None] * v
   return o_fwd + flip(o_bwd) - diag, s_final
@@ -249,7 +271,7 @@ def _both_directions(causal_fn):
   return fn
 
 
-def _parallel_supports(*, time, **call):
+def _parallel_is_short(*, time, **call):
   del call
   return time <= _PARALLEL_MAX_T
 
@@ -259,7 +281,7 @@ REGISTRY = Registry(
     auto_order={"cpu": ("parallel", "chunked", "recurrent"),
                 "default": ("pallas", "chunked", "recurrent")})
 REGISTRY.register("recurrent", _recurrent)
-REGISTRY.register("parallel", _both_directions(_parallel_causal), _parallel_supports)
+REGISTRY.register("parallel", _both_directions(_parallel_causal), auto_when=_parallel_is_short)
 REGISTRY.register("chunked", _both_directions(_chunked_causal))
 
 
@@ -337,7 +359,7 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
   else:
     g = f32(log_decay)
     g = g[..., None] if decay_kind == "scalar" else g
-  doc = (jnp.zeros((batch, time), jnp.int32) if segment_ids is None
+  doc = (None if segment_ids is None
          else jnp.cumsum(_checks.segment_starts(segment_ids), axis=1, dtype=jnp.int32))
   if initial_state is None:
     s0 = jnp.zeros((batch, heads, dk, dv + normalize), jnp.float32)
