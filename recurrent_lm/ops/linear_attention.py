@@ -89,21 +89,22 @@ def _recurrent(q, k, v, g, s0, doc, *, causal, chunk_size):
   reset = _checks.segment_starts(doc)
 
   def step(state, inputs):
-    k_t, v_t, g_t, reset_t = inputs
+    q_t, k_t, v_t, g_t, reset_t = inputs
     decay = jnp.where(reset_t[:, None, None, None], 0.0, jnp.exp(g_t)[..., None])
     state = decay * state + k_t[..., :, None] * v_t[..., None, :]
-    return state, state
+    # Causal: read the state now. Non-causal: keep every state for the read below.
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state) if causal else state
 
   time_major = lambda x: jnp.moveaxis(x, 1, 0)
-  s_final, states = lax.scan(step, s0, (time_major(k), time_major(v),
-                                        time_major(g), time_major(reset)))
-  states = jnp.moveaxis(states, 0, 1)  # [B, T, H, K, V]
-  if not causal:
-    # Every position reads the state at the last position of its document.
-    last = jax.vmap(lambda d: jnp.searchsorted(d, d, side="right") - 1)(doc)
-    states = jnp.take_along_axis(states, last[:, :, None, None, None], axis=1)
-  o = jnp.einsum("bthk,bthkv->bthv", q, states)
-  return o, s_final
+  s_final, out = lax.scan(step, s0, (time_major(q), time_major(k), time_major(v),
+                                     time_major(g), time_major(reset)))
+  out = jnp.moveaxis(out, 0, 1)
+  if causal:
+    return out, s_final
+  # Every position reads the state at the last position of its document.
+  last = jax.vmap(lambda d: jnp.searchsorted(d, d, side="right") - 1)(doc)
+  states = jnp.take_along_axis(out, last[:, :, None, None, None], axis=1)  # [B, T, H, K, V]
+  return jnp.einsum("bthk,bthkv->bthv", q, states), s_final
 
 
 def _masked_exp(mask, exponent):
@@ -176,6 +177,135 @@ def _vector_intra(q, k, v, b, same_doc, sub):
   return o.reshape(*lead, chunk, v.shape[-1])
 
 
+def _scan_chunk_states(decay, chunk_kv, s0):
+  """``S_n = decay_n · S_{n−1} + kv_n`` over the chunk axis 2.
+
+  decay: ``[B, H, N, G]``; chunk_kv: ``[B, H, N, K, V]``; s0: ``[B, H, K, V]``.
+  Returns the state entering every chunk ``[B, H, N, K, V]`` and the final one.
+  """
+  def step(state, inputs):
+    decay_n, kv_n = inputs
+    return decay_n[..., None] * state + kv_n, state
+
+  s_final, s_in = lax.scan(step, s0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(chunk_kv, 2, 0)))
+  return jnp.moveaxis(s_in, 0, 2), s_final
+
+
+def _scalar_factors(g, masks):
+  """The decay factors of the scalar-decay chunk equations, every exponent ≤ 0.
+
+  g: ``[B, H, N, C]`` log-decays; masks: None or ``(sees_state, reaches_end,
+  same_doc)`` bool ``[B, 1, N, C]``, ``[B, 1, N, C]``, ``[B, 1, N, C, C]``.
+  Returns ``e^{b}`` (for q), ``e^{b_C − b}`` (for k), ``e^{b_C}`` (chunk decay)
+  and ``D_ij = e^{b_i − b_j}`` (j ≤ i, same document), with ``b = cumsum(g)``.
+  """
+  b = jnp.cumsum(g, axis=-1)
+  b_last = b[..., -1]
+  chunk = g.shape[-1]
+  causal = np.tril(np.ones((chunk, chunk), bool))
+  if masks is None:
+    q_decay, k_decay, chunk_decay = jnp.exp(b), jnp.exp(b_last[..., None] - b), jnp.exp(b_last)
+  else:
+    sees_state, reaches_end, same_doc = masks
+    causal = causal & same_doc
+    q_decay = jnp.where(sees_state, jnp.exp(b), 0.0)
+    k_decay = _masked_exp(reaches_end, b_last[..., None] - b)
+    chunk_decay = jnp.where(sees_state[..., -1], jnp.exp(b_last), 0.0)
+  intra_decay = _masked_exp(causal, b[..., :, None] - b[..., None, :])
+  return q_decay, k_decay, chunk_decay, intra_decay
+
+
+def _scalar_chunks_fwd(q, k, v, g, s0, masks):
+  q_decay, k_decay, chunk_decay, intra_decay = _scalar_factors(g, masks)
+  chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", k * k_decay[..., None], v)
+  s_in, s_final = _scan_chunk_states(chunk_decay[..., None], chunk_kv, s0)
+  scores = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * intra_decay
+  o = (jnp.einsum("bhnij,bhnjv->bhniv", scores, v)
+       + jnp.einsum("bhnck,bhnkv->bhncv", q * q_decay[..., None], s_in))
+  return (o, s_final), (q, k, v, g, masks, s_in, scores)
+
+
+def _scalar_chunks_bwd(residuals, cotangents):
+  """Hand-written backward: 8 matmuls and one reverse scan over chunks.
+
+  With ``q̃ = q ⊙ e^{b}``, ``k̃ = k ⊙ e^{b_C − b}``, ``A = (q kᵀ) ⊙ D`` and ``R_n``
+  the gradient of the state entering chunk n:
+  ``R_n = q̃_nᵀ dO_n + e^{b_C,n} R_{n+1}`` (``R_N = dS_final``),
+  ``dV = Aᵀ dO + k̃ R_{n+1}``, ``dQ = (dO Vᵀ ⊙ D) K + (dO S_inᵀ) ⊙ e^{b}``,
+  ``dK = (dO Vᵀ ⊙ D)ᵀ Q + (V R_{n+1}ᵀ) ⊙ e^{b_C − b}``; log-decay gradients
+  collect the same products and are reverse-cumulated over the chunk.
+  """
+  q, k, v, g, masks, s_in, scores = residuals
+  d_o, d_s_final = cotangents
+  q_decay, k_decay, chunk_decay, intra_decay = _scalar_factors(g, masks)
+  q_tilde, k_tilde = q * q_decay[..., None], k * k_decay[..., None]
+
+  def step(r_next, inputs):
+    u_n, decay_n = inputs
+    return u_n + decay_n[..., None, None] * r_next, r_next
+
+  u = jnp.einsum("bhnck,bhncv->bhnkv", q_tilde, d_o)
+  d_s0, d_kv = lax.scan(step, d_s_final, (jnp.moveaxis(u, 2, 0), jnp.moveaxis(chunk_decay, 2, 0)),
+                        reverse=True)
+  d_kv = jnp.moveaxis(d_kv, 0, 2)  # R_{n+1}: gradient of chunk n's kᵀv
+
+  d_scores = jnp.einsum("bhniv,bhnjv->bhnij", d_o, v)
+  d_v = (jnp.einsum("bhnij,bhniv->bhnjv", scores, d_o)
+         + jnp.einsum("bhnck,bhnkv->bhncv", k_tilde, d_kv))
+  d_q_tilde = jnp.einsum("bhncv,bhnkv->bhnck", d_o, s_in)
+  d_k_tilde = jnp.einsum("bhncv,bhnkv->bhnck", v, d_kv)
+  d_qk = d_scores * intra_decay
+  d_q = jnp.einsum("bhnij,bhnjk->bhnik", d_qk, k) + d_q_tilde * q_decay[..., None]
+  d_k = jnp.einsum("bhnij,bhnik->bhnjk", d_qk, q) + d_k_tilde * k_decay[..., None]
+
+  d_exponent = d_scores * scores  # d/d(b_i − b_j)
+  from_k = jnp.sum(d_k_tilde * k_tilde, -1)
+  d_b = (d_exponent.sum(-1) - d_exponent.sum(-2)
+         + jnp.sum(d_q_tilde * q_tilde, -1) - from_k)
+  d_chunk_decay = jnp.sum(d_kv * s_in, (-2, -1))
+  d_b = d_b.at[..., -1].add(from_k.sum(-1) + d_chunk_decay * chunk_decay)
+  d_g = jnp.flip(jnp.cumsum(jnp.flip(d_b, -1), -1), -1)
+  return d_q, d_k, d_v, d_g, d_s0, None
+
+
+@jax.custom_vjp
+def _scalar_chunks(q, k, v, g, s0, masks):
+  """Scalar-decay chunk equations (module docstring) with a hand-written vjp.
+
+  q, k: ``[B, H, N, C, K]``; v: ``[B, H, N, C, V]``; g: ``[B, H, N, C]``;
+  s0: ``[B, H, K, V]``. Returns ``(o [B, H, N, C, V], S_final)``.
+  """
+  return _scalar_chunks_fwd(q, k, v, g, s0, masks)[0]
+
+
+_scalar_chunks.defvjp(_scalar_chunks_fwd, _scalar_chunks_bwd)
+
+
+def _vector_chunks(q, k, v, g, s0, masks, sub):
+  """Per-key-channel-decay chunk equations (module docstring), autodiff vjp.
+
+  q, k, g: ``[B, H, N, C, K]``; v: ``[B, H, N, C, V]``; s0: ``[B, H, K, V]``;
+  masks as in :func:`_scalar_factors`. Returns ``(o, S_final)``.
+  """
+  b = jnp.cumsum(g, axis=3)  # in-chunk, inclusive
+  b_last = b[:, :, :, -1]  # [B, H, N, K]
+  if masks is None:
+    sees_state = reaches_end = True
+    same_doc = None
+  else:
+    sees_state, reaches_end = (m[..., None] for m in masks[:2])
+    same_doc = masks[2][:, 0]
+  k_end = k * _masked_exp(reaches_end, b_last[:, :, :, None] - b)
+  chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", k_end, v)
+  chunk_decay = jnp.exp(b_last)
+  if masks is not None:
+    chunk_decay = jnp.where(sees_state[:, :, :, -1], chunk_decay, 0.0)
+  s_in, s_final = _scan_chunk_states(chunk_decay, chunk_kv, s0)
+  q_in = jnp.where(sees_state, q * jnp.exp(b), 0.0)
+  o = jnp.einsum("bhnck,bhnkv->bhncv", q_in, s_in) + _vector_intra(q, k, v, b, same_doc, sub)
+  return o, s_final
+
+
 def _chunked_causal(q, k, v, g, s0, doc, *, chunk_size):
   batch, time, heads, dk = q.shape
   dv = v.shape[-1]
@@ -196,46 +326,19 @@ def _chunked_causal(q, k, v, g, s0, doc, *, chunk_size):
   to_chunks = lambda x: x.reshape(batch, n, chunk, heads, x.shape[-1]).transpose(0, 3, 1, 2, 4)
   q, k, v, g = to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g)
 
-  b = jnp.cumsum(g, axis=3)  # [B, H, N, C, G], in-chunk, inclusive
-  b_last = b[:, :, :, -1]  # [B, H, N, G]
   if doc is None:
-    sees_state = reaches_end = True
-    same_doc = None
+    masks = None
   else:
     doc = doc.reshape(batch, n, chunk)
     doc_in = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # doc of S_{n-1}
-    sees_state = (doc == doc_in[..., None])[:, None, :, :, None]  # [B, 1, N, C, 1]
-    reaches_end = (doc == doc[:, :, -1:])[:, None, :, :, None]
-    same_doc = doc[:, :, :, None] == doc[:, :, None, :]  # [B, N, Ci, Cj]
+    masks = ((doc == doc_in[..., None])[:, None],  # sees_state [B, 1, N, C]
+             (doc == doc[:, :, -1:])[:, None],  # reaches_end
+             (doc[:, :, :, None] == doc[:, :, None, :])[:, None])  # same_doc [B, 1, N, C, C]
 
-  # Chunk states: S_n = diag(e^{b_C}) S_{n-1} + Σ_j (k_j ⊙ e^{b_C − b_j}) v_jᵀ.
-  k_end = k * _masked_exp(reaches_end, b_last[:, :, :, None] - b)
-  chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", k_end, v)
-  chunk_decay = jnp.exp(b_last)  # [B, H, N, G]
-  if doc is not None:
-    chunk_decay = jnp.where(sees_state[:, :, :, -1], chunk_decay, 0.0)
-
-  def step(state, inputs):
-    decay, kv = inputs
-    return decay[..., None] * state + kv, state
-
-  s_final, s_in = lax.scan(step, s0, (jnp.moveaxis(chunk_decay, 2, 0),
-                                      jnp.moveaxis(chunk_kv, 2, 0)))
-  s_in = jnp.moveaxis(s_in, 0, 2)  # [B, H, N, K, V]: state entering each chunk
-
-  q_in = jnp.where(sees_state, q * jnp.exp(b), 0.0)
-  o = jnp.einsum("bhnck,bhnkv->bhncv", q_in, s_in)
-
-  if vector:
-    o = o + _vector_intra(q, k, v, b, same_doc, sub)
+  if not vector:
+    o, s_final = _scalar_chunks(q, k, v, g[..., 0], s0, masks)
   else:
-    mask = np.tril(np.ones((chunk, chunk), bool))
-    if doc is not None:
-      mask = (same_doc & mask)[:, None]
-    b0 = b[..., 0]
-    scores = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * _masked_exp(
-        mask, b0[..., :, None] - b0[..., None, :])
-    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, v)
+    o, s_final = _vector_chunks(q, k, v, g, s0, masks, sub)
 
   o = o.transpose(0, 2, 3, 1, 4).reshape(batch, n * chunk, heads, dv)[:, :time]
   return o, s_final
