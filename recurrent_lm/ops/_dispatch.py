@@ -25,16 +25,11 @@ def _always(**call: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-  """One way to run an op.
-
-  ``supports(backend=..., **call)`` says whether it computes this call
-  correctly; ``auto_when(backend=..., **call)`` whether ``auto`` should
-  consider it (e.g. the quadratic form only for short sequences).
-  """
+  """One way to run an op; ``supports(backend=..., **call)`` says whether
+  it computes this call correctly."""
   name: str
   fn: Callable[..., Any]
   supports: Callable[..., bool] = _always
-  auto_when: Callable[..., bool] = _always
 
 
 class Registry:
@@ -46,9 +41,8 @@ class Registry:
     self._auto_order = {k: tuple(v) for k, v in auto_order.items()}
 
   def register(self, name: str, fn: Callable[..., Any],
-               supports: Callable[..., bool] = _always,
-               auto_when: Callable[..., bool] = _always) -> None:
-    self._impls[name] = Implementation(name, fn, supports, auto_when)
+               supports: Callable[..., bool] = _always) -> None:
+    self._impls[name] = Implementation(name, fn, supports)
 
   def set_auto_order(self, backend: str, order: Sequence[str]) -> None:
     self._auto_order[backend] = tuple(order)
@@ -67,8 +61,7 @@ class Registry:
     if impl == "auto":
       for name in self.auto_order(backend):
         candidate = self._impls.get(name)
-        if (candidate is not None and candidate.supports(backend=backend, **call)
-            and candidate.auto_when(backend=backend, **call)):
+        if candidate is not None and candidate.supports(backend=backend, **call):
           return candidate
       raise ValueError(
           f"{self.op_name}: no implementation supports this call on backend "

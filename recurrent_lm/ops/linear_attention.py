@@ -66,9 +66,6 @@ from recurrent_lm.ops.linear_scan import linear_scan
 
 _EPS = 1e-6
 _SUB_CHUNK = 8
-# Above this length the quadratic form is never the fastest on CPU and its
-# [T, T] masks start to cost real memory (measured with experiments/op_bench.py).
-_PARALLEL_MAX_T = 256
 
 
 # Shared conventions of the private implementations below:
@@ -374,17 +371,14 @@ def _both_directions(causal_fn):
   return fn
 
 
-def _parallel_is_short(*, time, **call):
-  del call
-  return time <= _PARALLEL_MAX_T
-
-
 REGISTRY = Registry(
     "linear_attention",
-    auto_order={"cpu": ("parallel", "chunked", "recurrent"),
+    # CPU: chunked beats parallel at every length measured (64 to 8192) and
+    # recurrent whenever gradients are taken (BUILD.md, experiments/op_bench.py).
+    auto_order={"cpu": ("chunked", "recurrent"),
                 "default": ("pallas", "chunked", "recurrent")})
 REGISTRY.register("recurrent", _recurrent)
-REGISTRY.register("parallel", _both_directions(_parallel_causal), auto_when=_parallel_is_short)
+REGISTRY.register("parallel", _both_directions(_parallel_causal))
 REGISTRY.register("chunked", _both_directions(_chunked_causal))
 
 

@@ -107,8 +107,8 @@ def _chunked(a, b, h0, chunk_size=_CHUNK):
 
 REGISTRY = Registry(
     "linear_scan",
-    auto_order={"cpu": ("chunked", "associative", "recurrent"),
-                "default": ("pallas", "chunked", "associative", "recurrent")})
+    auto_order={"cpu": ("recurrent", "associative", "chunked"),
+                "default": ("pallas", "associative", "chunked", "recurrent")})
 REGISTRY.register("recurrent", _recurrent)
 REGISTRY.register("associative", _associative)
 REGISTRY.register("chunked", _chunked)

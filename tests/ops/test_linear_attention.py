@@ -276,11 +276,24 @@ def test_property_chunked_equals_recurrent_on_random_shapes(
   _assert_close(got, ref, F32_TOL)
 
 
-def test_auto_picks_parallel_for_short_and_chunked_for_long_sequences_on_cpu():
+@pytest.mark.parametrize("time", [1, 64, 8192])
+def test_auto_picks_chunked_on_cpu(time):
+  call = dict(time=time, decay="scalar", causal=True, normalize=False, dtype=jnp.float32,
+              chunk_size=64)
+  assert la_module.REGISTRY.resolve("auto", **call).name == "chunked"
+
+
+def test_auto_skips_implementations_that_do_not_support_the_call():
   registry = la_module.REGISTRY
-  call = dict(decay="scalar", causal=True, normalize=False, dtype=jnp.float32, chunk_size=64)
-  assert registry.resolve("auto", time=64, **call).name == "parallel"
-  assert registry.resolve("auto", time=4096, **call).name == "chunked"
+  order = registry.auto_order("cpu")
+  registry.register("kernel", la_module._recurrent, supports=lambda *, time, **_: time % 8 == 0)
+  registry.set_auto_order("cpu", ("kernel",) + order)
+  try:
+    assert registry.resolve("auto", time=16).name == "kernel"
+    assert registry.resolve("auto", time=17).name == order[0]
+  finally:
+    registry.set_auto_order("cpu", order)
+    registry._impls.pop("kernel")
 
 
 def test_explicit_impl_that_does_not_support_the_call_raises():
