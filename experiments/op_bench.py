@@ -510,6 +510,7 @@ def plan(ops: Sequence[str], impls: Sequence[str] | None = None) -> list[tuple[s
 def run_benchmark(pairs: Sequence[tuple[str, str]], shape: BenchShape, *,
                   repeats: int = 5, warmup: int = 1, backward: bool = True,
                   peak_gflops: float | None = None, skip_recurrent_above: int = 0,
+                  skip_parallel_above: int = 0,
                   progress: Callable[[str], None] | None = None,
                   on_row: Callable[[list[dict[str, Any]]], None] | None = None
                   ) -> list[dict[str, Any]]:
@@ -524,16 +525,17 @@ def run_benchmark(pairs: Sequence[tuple[str, str]], shape: BenchShape, *,
     peak_gflops: matmul peak for the % of peak.
     skip_recurrent_above: if positive and ``shape.seq_len`` exceeds it, the
       ``recurrent`` rows are recorded as skipped instead of run.
+    skip_parallel_above: the same for the quadratic ``parallel`` rows.
     progress: called with one line per measurement.
     on_row: called with the rows so far (speed-ups filled in) after every row.
   """
   rows = []
   for i, (op, impl) in enumerate(pairs, 1):
     tag = f"[{i}/{len(pairs)}] {op} / {impl}"
-    if impl == "recurrent" and 0 < skip_recurrent_above < shape.seq_len:
+    limit = {"recurrent": skip_recurrent_above, "parallel": skip_parallel_above}.get(impl, 0)
+    if 0 < limit < shape.seq_len:
       row = empty_row(op, impl)
-      row["error"] = (f"skipped: seq_len={shape.seq_len} > "
-                      f"skip_recurrent_above={skip_recurrent_above}")
+      row["error"] = f"skipped: seq_len={shape.seq_len} > skip_{impl}_above={limit}"
     else:
       if progress:
         progress(f"{tag}: measuring")
@@ -690,6 +692,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _SKIP_RECURRENT_ABOVE = flags.DEFINE_integer(
     "skip_recurrent_above", 0,
     "Skip the recurrent impls when seq_len exceeds this; 0 never skips (speed-ups need them).")
+_SKIP_PARALLEL_ABOVE = flags.DEFINE_integer(
+    "skip_parallel_above", 2048,
+    "Skip the quadratic parallel impls when seq_len exceeds this (their [T, T] "
+    "masks take minutes and gigabytes at T=8192); 0 never skips.")
 _JSON_OUT = flags.DEFINE_string(
     "json_out", "bench_results/op_bench.json",
     "JSON output; if it exists, a numbered name beside it is used instead.")
@@ -719,7 +725,7 @@ def main(argv: Sequence[str]) -> None:
   info = machine_info()
   flag_values = {name: flags.FLAGS[name].value for name in (
       "batch", "seq_len", "heads", "head_dim", "chunk_size", "ops", "impls", "repeats",
-      "warmup", "skip_recurrent_above", "json_out", "backward", "dtype")}
+      "warmup", "skip_recurrent_above", "skip_parallel_above", "json_out", "backward", "dtype")}
   print(f"jax {info['jax_version']} on {info['backend']} ({info['device_kind']}, "
         f"{info['cpu_count']} CPUs); B={shape.batch} T={shape.seq_len} H={shape.heads} "
         f"D={shape.head_dim} C={shape.chunk_size} {shape.dtype}", flush=True)
@@ -735,6 +741,7 @@ def main(argv: Sequence[str]) -> None:
   rows = run_benchmark(pairs, shape, repeats=_REPEATS.value, warmup=_WARMUP.value,
                        backward=_BACKWARD.value, peak_gflops=matmul["peak_gflops"],
                        skip_recurrent_above=_SKIP_RECURRENT_ABOVE.value,
+                       skip_parallel_above=_SKIP_PARALLEL_ABOVE.value,
                        progress=_stderr, on_row=save)
   save(rows, done=True)
   print(format_table(rows))

@@ -25,7 +25,6 @@ returned in the inputs' dtype and ``h_last`` in the accumulation dtype.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from recurrent_lm import ops
+from tests.ops._close import assert_close
 
 la_module = importlib.import_module("recurrent_lm.ops.linear_attention")
 
@@ -25,21 +26,6 @@ BF16_TOL = 3e-2
 # many orders of magnitude; both forms run in float32.
 EXTREME_DECAY_TOL = 1e-3
 LENGTHS = (1, 7, 63, 64, 65, 300)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-12))
-
-
-def _assert_close(tree, ref_tree, tol, what=""):
-  leaves, ref_leaves = jax.tree.leaves(tree), jax.tree.leaves(ref_tree)
-  assert len(leaves) == len(ref_leaves)
-  for i, (x, ref) in enumerate(zip(leaves, ref_leaves)):
-    assert x.shape == ref.shape, (what, i, x.shape, ref.shape)
-    assert np.all(np.isfinite(np.asarray(x, np.float32))), (what, i)
-    err = _rel_err(x, ref)
-    assert err <= tol, f"{what} leaf {i}: relative error {err:.3g} > {tol}"
 
 
 def _inputs(seed, *, batch=2, time=65, heads=2, dk=8, dv=6, decay="scalar",
@@ -82,9 +68,9 @@ def _outputs_and_grads(q, k, v, log_decay, state, segment_ids, cotangent, *, imp
 def _check_against_oracle(args, impl, chunk_size, tol, **kw):
   ref = _outputs_and_grads(*args, impl="recurrent", chunk_size=16, **kw)
   got = _outputs_and_grads(*args, impl=impl, chunk_size=chunk_size, **kw)
-  _assert_close(got[0], ref[0], tol, "output")
-  _assert_close(got[1], ref[1], tol, "final state")
-  _assert_close(got[2], ref[2], tol, "gradients")
+  assert_close(got[0], ref[0], tol, "output")
+  assert_close(got[1], ref[1], tol, "final state")
+  assert_close(got[2], ref[2], tol, "gradients")
 
 
 @pytest.mark.parametrize("segments", [False, True])
@@ -133,9 +119,9 @@ def test_bfloat16_inputs_match_float32_oracle(time, decay):
                            impl="chunked", chunk_size=64)
   assert got[0].dtype == jnp.bfloat16
   assert got[1].dtype == jnp.float32  # the state accumulates in float32
-  _assert_close(got[0], ref[0], BF16_TOL, "output")
-  _assert_close(got[1], ref[1], BF16_TOL, "final state")
-  _assert_close(got[2], ref[2], BF16_TOL, "gradients")
+  assert_close(got[0], ref[0], BF16_TOL, "output")
+  assert_close(got[1], ref[1], BF16_TOL, "final state")
+  assert_close(got[2], ref[2], BF16_TOL, "gradients")
 
 
 def _numpy_oracle(q, k, v, log_decay, s0, segment_ids, *, causal, normalize):
@@ -181,10 +167,10 @@ def test_recurrent_oracle_matches_the_equations(decay, causal, normalize):
   o, state = ops.linear_attention(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg,
                                   causal=causal, normalize=normalize, impl="recurrent")
   ref_o, ref_state = _numpy_oracle(q, k, v, g, s0, seg, causal=causal, normalize=normalize)
-  _assert_close(o, ref_o, 1e-5, "output")
+  assert_close(o, ref_o, 1e-5, "output")
   if normalize:
     state = jnp.concatenate([state[0], state[1][..., None]], -1)
-  _assert_close(state, ref_state, 1e-5, "state")
+  assert_close(state, ref_state, 1e-5, "state")
 
 
 @pytest.mark.parametrize("impl", ["auto", "chunked", "parallel"])
@@ -207,15 +193,15 @@ def test_state_passing_whole_equals_pieces_equals_tokens(impl, decay, normalize)
   for lo, hi in zip(cuts[:-1], cuts[1:]):
     o, state = run(lo, hi, state)
     pieces.append(o)
-  _assert_close(jnp.concatenate(pieces, 1), whole_o, F32_TOL, "pieces output")
-  _assert_close(state, whole_state, F32_TOL, "pieces state")
+  assert_close(jnp.concatenate(pieces, 1), whole_o, F32_TOL, "pieces output")
+  assert_close(state, whole_state, F32_TOL, "pieces state")
 
   state, tokens = s0, []
   for t in range(50):
     o, state = run(t, t + 1, state)
     tokens.append(o)
-  _assert_close(jnp.concatenate(tokens, 1), whole_o, F32_TOL, "token output")
-  _assert_close(state, whole_state, F32_TOL, "token state")
+  assert_close(jnp.concatenate(tokens, 1), whole_o, F32_TOL, "token output")
+  assert_close(state, whole_state, F32_TOL, "token state")
 
 
 @pytest.mark.parametrize("impl", ["chunked", "parallel"])
@@ -231,8 +217,8 @@ def test_packed_row_equals_documents_run_separately(impl, decay):
     alone, alone_state = ops.linear_attention(
         q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], log_decay=None if g is None else g[:, lo:hi],
         chunk_size=16, impl=impl)
-    _assert_close(packed[:, lo:hi], alone, F32_TOL, f"document [{lo}, {hi})")
-  _assert_close(packed_state, alone_state, F32_TOL, "final state = last document's")
+    assert_close(packed[:, lo:hi], alone, F32_TOL, f"document [{lo}, {hi})")
+  assert_close(packed_state, alone_state, F32_TOL, "final state = last document's")
 
 
 @pytest.mark.parametrize("decay", ["scalar", "vector"])
@@ -273,7 +259,7 @@ def test_property_chunked_equals_recurrent_on_random_shapes(
                              impl="recurrent")
   got = ops.linear_attention(q, k, v, log_decay=g, initial_state=s0, segment_ids=seg,
                              chunk_size=chunk_size, impl="chunked")
-  _assert_close(got, ref, F32_TOL)
+  assert_close(got, ref, F32_TOL)
 
 
 @pytest.mark.parametrize("time", [1, 64, 8192])

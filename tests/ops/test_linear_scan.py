@@ -14,15 +14,11 @@ import numpy as np
 import pytest
 
 from recurrent_lm import ops
+from tests.ops._close import assert_close, rel_err
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
 LENGTHS = (1, 7, 63, 64, 65, 300)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-12))
 
 
 def _inputs(seed, batch=2, time=65, rest=(3, 4), segments=False):
@@ -43,12 +39,6 @@ def _outputs_and_grads(a, b, h0, seg, cotangent, *, impl, reverse, chunk_size=64
   return h, h_last, vjp((cotangent.astype(h.dtype), jnp.sin(h_last)))
 
 
-def _assert_close(tree, ref_tree, tol):
-  for x, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree)):
-    assert x.shape == ref.shape
-    assert _rel_err(x, ref) <= tol, _rel_err(x, ref)
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("time", LENGTHS)
@@ -57,7 +47,7 @@ def test_forms_match_recurrent(impl, chunk_size, time, segments, reverse):
   args = _inputs(time, time=time, segments=segments)
   ref = _outputs_and_grads(*args, impl="recurrent", reverse=reverse)
   got = _outputs_and_grads(*args, impl=impl, reverse=reverse, chunk_size=chunk_size)
-  _assert_close(got, ref, F32_TOL)
+  assert_close(got, ref, F32_TOL)
 
 
 @pytest.mark.parametrize("impl", ["associative", "chunked"])
@@ -68,7 +58,7 @@ def test_bfloat16_inputs_match_float32_oracle(impl):
   ref = _outputs_and_grads(up(a), up(b), h0, seg, ct, impl="recurrent", reverse=False)
   got = _outputs_and_grads(bf16(a), bf16(b), h0, seg, ct, impl=impl, reverse=False)
   assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
-  _assert_close(got, ref, BF16_TOL)
+  assert_close(got, ref, BF16_TOL)
 
 
 def test_recurrent_matches_a_python_loop():
@@ -82,8 +72,8 @@ def test_recurrent_matches_a_python_loop():
       keep = 0.0 if t > 0 and seg[i, t] != seg[i, t - 1] else 1.0
       state = keep * a[i, t] * state + b[i, t]
       expected[i, t] = state
-  assert _rel_err(h, expected) < 1e-6
-  assert _rel_err(h_last, expected[:, -1]) < 1e-6
+  assert rel_err(h, expected) < 1e-6
+  assert rel_err(h_last, expected[:, -1]) < 1e-6
 
 
 @pytest.mark.parametrize("impl", ["auto", "associative", "chunked"])
@@ -96,7 +86,7 @@ def test_state_passing_whole_equals_pieces_equals_tokens(impl):
     for lo, hi in zip(cuts[:-1], cuts[1:]):
       out, h = run(a[:, lo:hi], b[:, lo:hi], h)
       outs.append(out)
-    _assert_close((jnp.concatenate(outs, 1), h), (whole, whole_last), F32_TOL)
+    assert_close((jnp.concatenate(outs, 1), h), (whole, whole_last), F32_TOL)
 
 
 @pytest.mark.parametrize("impl", ["associative", "chunked"])
@@ -107,14 +97,14 @@ def test_packed_row_equals_documents_run_separately(impl):
   packed, _ = ops.linear_scan(a, b, segment_ids=seg, impl=impl, chunk_size=16)
   for lo, hi in zip(bounds[:-1], bounds[1:]):
     alone, _ = ops.linear_scan(a[:, lo:hi], b[:, lo:hi], impl=impl, chunk_size=16)
-    _assert_close(packed[:, lo:hi], alone, F32_TOL)
+    assert_close(packed[:, lo:hi], alone, F32_TOL)
 
 
 def test_reverse_runs_from_the_end():
   a, b, h0, _, _ = _inputs(5, time=9)
   h, h_first = ops.linear_scan(a, b, h0, reverse=True)
   flipped, last = ops.linear_scan(jnp.flip(a, 1), jnp.flip(b, 1), h0)
-  _assert_close((h, h_first), (jnp.flip(flipped, 1), last), F32_TOL)
+  assert_close((h, h_first), (jnp.flip(flipped, 1), last), F32_TOL)
 
 
 def test_zero_decays_are_exact_in_the_chunked_form():
@@ -123,7 +113,7 @@ def test_zero_decays_are_exact_in_the_chunked_form():
   a = a.at[:, ::5].set(0.0)
   ref = ops.linear_scan(a, b, h0, impl="recurrent")
   got = ops.linear_scan(a, b, h0, impl="chunked", chunk_size=16)
-  _assert_close(got, ref, F32_TOL)
+  assert_close(got, ref, F32_TOL)
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
@@ -137,7 +127,7 @@ def test_property_forms_agree_on_random_shapes(batch, time, rest, chunk_size, se
   for impl in ("associative", "chunked"):
     got = ops.linear_scan(a, b, h0, segment_ids=seg, reverse=reverse, impl=impl,
                           chunk_size=chunk_size)
-    _assert_close(got, ref, F32_TOL)
+    assert_close(got, ref, F32_TOL)
 
 
 @pytest.mark.parametrize("kwargs, message", [
