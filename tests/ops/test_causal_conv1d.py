@@ -209,3 +209,29 @@ def test_bad_shapes_raise_naming_the_argument(bad, match):
     segment_ids = segment_ids[:, 1:]
   with pytest.raises(ValueError, match=match):
     ops.causal_conv1d(x, weight, bias=bias, state=state, segment_ids=segment_ids)
+
+
+def test_gradients_with_segment_ids_match_a_masked_banded_matmul():
+  x, weight, bias, state = _inputs(12, time=13)
+  segment_ids = jnp.asarray([[0] * 5 + [1] * 2 + [2] * 6, [4] * 9 + [5] * 4])
+  projection = jax.random.normal(_key(120), x.shape)
+
+  def masked_band(x, weight, bias, state):
+    width, time = weight.shape[0], x.shape[1]
+    xs = jnp.concatenate([state, x], axis=1)
+    xs_seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width - 1, 1), segment_ids], 1)
+    offset = jnp.arange(time + width - 1)[None, :] - jnp.arange(time)[:, None]
+    band = jnp.where(((offset >= 0) & (offset < width))[..., None],
+                     weight[jnp.clip(offset, 0, width - 1)], 0)  # [T, T+W−1, D]
+    same = segment_ids[:, :, None] == xs_seg[:, None, :]  # [B, T, T+W−1]
+    return jnp.einsum("bsd,btsd->btd", xs, jnp.where(same[..., None], band, 0)) + bias
+
+  def op(x, weight, bias, state):
+    return ops.causal_conv1d(x, weight, bias=bias, state=state, segment_ids=segment_ids)[0]
+
+  loss = lambda fn, *args: jnp.sum(fn(*args) * projection)
+  args = (x, weight, bias, state)
+  grads = jax.grad(functools.partial(loss, op), argnums=(0, 1, 2, 3))(*args)
+  expected = jax.grad(functools.partial(loss, masked_band), argnums=(0, 1, 2, 3))(*args)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
