@@ -36,7 +36,7 @@ Implementations (``impl=``), all computing in float32:
 
   *Scalar decay* (and none): ``e^{b_i − b_j}`` is a ``C × C`` matrix per
   head that multiplies ``Q Kᵀ``; the backward is written by hand
-  (:func:`_scalar_chunks_bwd`: eight matmuls and one reverse scan), 10–20%
+  (:func:`_scalar_chunks_bwd`: eight matmuls and one reverse scan), 15–20%
   faster on CPU than autodiff of the forward. *Vector decay* cannot factor out of the key
   contraction, and the usual ``(q ⊙ e^{b})(k ⊙ e^{−b})ᵀ`` overflows once a
   chunk decays by more than ~e^{88}. Instead the chunk is cut into
