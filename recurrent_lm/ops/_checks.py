@@ -39,12 +39,11 @@ def check_positive_int(name: str, value) -> None:
     raise ValueError(f"{name}={value!r}; expected a positive int")
 
 
-def segment_starts(segment_ids, time_axis_len: int | None = None):
+def segment_starts(segment_ids):
   """``[B, T]`` bool: True where a new document starts (never at t = 0).
 
   Position 0 continues whatever state the call was given, so the initial
   state always flows into the first segment of a row.
   """
-  del time_axis_len
   changed = segment_ids[:, 1:] != segment_ids[:, :-1]
   return jnp.pad(changed, ((0, 0), (1, 0)))

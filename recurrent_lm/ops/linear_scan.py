@@ -38,7 +38,8 @@ def _acc_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _recurrent(a, b, h0):
+def _recurrent(a, b, h0, chunk_size):
+  del chunk_size
   def step(h, ab):
     a_t, b_t = ab
     h = a_t * h + b_t
@@ -54,13 +55,14 @@ def _combine(left, right):
   return a1 * a2, a2 * b1 + b2
 
 
-def _associative(a, b, h0):
+def _associative(a, b, h0, chunk_size):
+  del chunk_size
   b = b.at[:, 0].add(a[:, 0] * h0)
   _, h = lax.associative_scan(_combine, (a, b), axis=1)
   return h, h[:, -1]
 
 
-def _chunked(a, b, h0, chunk_size=_CHUNK):
+def _chunked(a, b, h0, chunk_size):
   batch, time = a.shape[:2]
   rest = a.shape[2:]
   chunk = min(chunk_size, time)
@@ -161,8 +163,7 @@ def linear_scan(a, b, h0=None, *, segment_ids=None, reverse=False, impl="auto",
     starts = starts.reshape(starts.shape + (1,) * (a.ndim - 2))
     a = jnp.where(starts, 0, a)
 
-  kwargs = {"chunk_size": chunk_size} if chosen.name in ("chunked", "pallas") else {}
-  h, h_last = chosen.fn(a, b, h0, **kwargs)
+  h, h_last = chosen.fn(a, b, h0, chunk_size)
   if reverse:
     h = jnp.flip(h, 1)
   return h.astype(out_dtype), h_last
