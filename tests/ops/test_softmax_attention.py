@@ -162,6 +162,23 @@ def test_gradients_match_reference(window, segmented):
     np.testing.assert_allclose(g, e, atol=GRAD_ATOL, err_msg=f"d loss / d {name}")
 
 
+@pytest.mark.parametrize("window,time", [(7, 50), (16, 33), (5, 11)])
+def test_long_rows_run_the_window_in_blocks_with_reference_outputs_and_gradients(window, time):
+  # time > 2·window takes the blocked O(T·window) path.
+  q, k, v = _inputs(9, time=time, heads=4, kv_heads=2, value_dim=6)
+  seg = _segments(9, 2, time)
+  mask = _mask(time, window, seg)
+  projection = jax.random.normal(_key(91), (2, time, 4, 6))
+  loss = lambda fn, q, k, v: jnp.sum(fn(q, k, v) * projection)
+  op = lambda q, k, v: ops.softmax_attention(q, k, v, window=window, segment_ids=seg)[0]
+  ref = functools.partial(_reference, mask=mask)
+  np.testing.assert_allclose(op(q, k, v), ref(q, k, v), atol=ATOL, rtol=RTOL)
+  grads = jax.grad(functools.partial(loss, op), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+  for name, g, e in zip("qkv", grads, expected):
+    np.testing.assert_allclose(g, e, atol=GRAD_ATOL, err_msg=f"d loss / d {name}")
+
+
 # --- state passing through the cache ----------------------------------------
 
 
