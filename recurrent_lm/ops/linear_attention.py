@@ -163,18 +163,19 @@ def _vector_intra(q, k, v, b, same_doc, sub):
     block_doc = jnp.stack([same_doc[..., i, :, i * sub:(i + 1) * sub] for i in range(n)], -3)
     diag = jnp.where(block_doc, diag, 0.0)
   o = jnp.einsum("...nij,...njv->...niv", diag, vs)
-  if n > 1:
-    # Blocks left of the diagonal: matmuls against keys rescaled to r_I, the
-    # cumulated log-decay just before query sub-chunk I.
-    ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], axis=-2)
-    q_ref = qs * jnp.exp(bs - ref[..., :, None, :])  # [..., n, sub, K]
-    before = np.arange(chunk)[None, :] < (np.arange(n) * sub)[:, None]  # [n, C]
-    k_ref = k[..., None, :, :] * _masked_exp(
-        before[:, :, None], ref[..., :, None, :] - b[..., None, :, :])  # [..., n, C, K]
-    off_diag = jnp.einsum("...nik,...njk->...nij", q_ref, k_ref)  # [..., n, sub, C]
+  # Blocks left of the diagonal, one query sub-chunk I at a time against the
+  # keys before it, rescaled to r_I (the cumulated log-decay just before I).
+  rows = [o[..., 0, :, :]]
+  for i in range(1, n):
+    start = i * sub
+    ref = b[..., start - 1:start, :]  # r_I: [..., 1, K]
+    q_ref = qs[..., i, :, :] * jnp.exp(bs[..., i, :, :] - ref)  # [..., sub, K]
+    k_ref = k[..., :start, :] * jnp.exp(ref - b[..., :start, :])  # [..., I·sub, K]
+    scores = jnp.einsum("...ik,...jk->...ij", q_ref, k_ref)
     if same_doc is not None:
-      off_diag = jnp.where(same_doc, off_diag, 0.0)
-    o = o + jnp.einsum("...nij,...jv->...niv", off_diag, v)
+      scores = jnp.where(same_doc[..., i, :, :start], scores, 0.0)
+    rows.append(o[..., i, :, :] + jnp.einsum("...ij,...jv->...iv", scores, v[..., :start, :]))
+  return jnp.stack(rows, -3).reshape(*lead, chunk, v.shape[-1])
   return o.reshape(*lead, chunk, v.shape[-1])
 
 
