@@ -45,9 +45,10 @@ Implementations (``impl=``), all computing in float32:
 
       (q_i ⊙ e^{b_i − b_j})·k_j = (q_i ⊙ e^{b_i − r_I})·(k_j ⊙ e^{r_I − b_j}),
 
-  both exponents ≤ 0 — a matmul per sub-chunk row; the diagonal
-  sub-chunk blocks are formed element-wise (``sub × sub × K``). This is the
-  secondary-chunking formulation of GLA, with every factor bounded by 1.
+  both exponents ≤ 0 — for each query sub-chunk one matmul against only the
+  keys before it; the diagonal sub-chunk blocks are formed element-wise
+  (``sub × sub × K``). This is the secondary-chunking formulation of GLA,
+  with every factor bounded by 1.
 * ``auto`` — the fastest that supports the call (see BUILD.md for the
   measurements behind the choice).
 """
