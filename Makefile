@@ -18,8 +18,9 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" tests; status=$$?; \
 	echo "make test: suite took $$(( $$(date +%s) - start )) s"; exit $$status
 
+# pytest exits 5 when nothing is marked slow yet; that is not a failure.
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow tests
+	$(PY) -m pytest -m slow tests || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(PY) -m experiments.op_bench
