@@ -69,7 +69,8 @@ from recurrent_lm.ops.linear_scan import linear_scan
 
 _EPS = 1e-6
 # Sub-chunk of the vector-decay form: 8 balances the element-wise diagonal
-# blocks (∝ sub) against the rescaled key copies (∝ C / sub) on CPU.
+# blocks (∝ sub) against the rescaled key copies (∝ C / sub); measured on CPU
+# against 4 and 16.
 _SUB_CHUNK = 8
 
 
@@ -177,7 +178,6 @@ def _vector_intra(q, k, v, b, same_doc, sub):
       scores = jnp.where(same_doc[..., i, :, :start], scores, 0.0)
     rows.append(o[..., i, :, :] + jnp.einsum("...ij,...jv->...iv", scores, v[..., :start, :]))
   return jnp.stack(rows, -3).reshape(*lead, chunk, v.shape[-1])
-  return o.reshape(*lead, chunk, v.shape[-1])
 
 
 def _scan_chunk_states(decay, chunk_kv, s0):
@@ -194,28 +194,39 @@ def _scan_chunk_states(decay, chunk_kv, s0):
   return jnp.moveaxis(s_in, 0, 2), s_final
 
 
+def _boundary_factors(b, masks):
+  """``e^{b}``, ``e^{b_C − b}`` and ``e^{b_C}``: how each position of a chunk
+  reads the entering state, how each key reaches the chunk's end, and how the
+  whole chunk decays — zero across a document boundary.
+
+  b: ``[B, H, N, C, ...]`` in-chunk cumulated log-decays (trailing ``K`` for
+  per-channel decays); masks: None or ``(sees_state, reaches_end, same_doc)``
+  bool ``[B, 1, N, C]``, ``[B, 1, N, C]``, ``[B, 1, N, C, C]``.
+  """
+  b_last = b[:, :, :, -1:]
+  if masks is None:
+    return jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last[:, :, :, 0])
+  trailing = (None,) * (b.ndim - 4)
+  sees_state, reaches_end = masks[0][(...,) + trailing], masks[1][(...,) + trailing]
+  return (jnp.where(sees_state, jnp.exp(b), 0.0),
+          _masked_exp(reaches_end, b_last - b),
+          jnp.where(sees_state[:, :, :, -1], jnp.exp(b_last[:, :, :, 0]), 0.0))
+
+
 def _scalar_factors(g, masks):
   """The decay factors of the scalar-decay chunk equations, every exponent ≤ 0.
 
-  g: ``[B, H, N, C]`` log-decays; masks: None or ``(sees_state, reaches_end,
-  same_doc)`` bool ``[B, 1, N, C]``, ``[B, 1, N, C]``, ``[B, 1, N, C, C]``.
-  Returns ``e^{b}`` (for q), ``e^{b_C − b}`` (for k), ``e^{b_C}`` (chunk decay)
-  and ``D_ij = e^{b_i − b_j}`` (j ≤ i, same document), with ``b = cumsum(g)``.
+  g: ``[B, H, N, C]`` log-decays; masks as in :func:`_boundary_factors`.
+  Returns its three factors and ``D_ij = e^{b_i − b_j}`` (j ≤ i, same
+  document), with ``b = cumsum(g)``.
   """
   b = jnp.cumsum(g, axis=-1)
-  b_last = b[..., -1]
   chunk = g.shape[-1]
   causal = np.tril(np.ones((chunk, chunk), bool))
-  if masks is None:
-    q_decay, k_decay, chunk_decay = jnp.exp(b), jnp.exp(b_last[..., None] - b), jnp.exp(b_last)
-  else:
-    sees_state, reaches_end, same_doc = masks
-    causal = causal & same_doc
-    q_decay = jnp.where(sees_state, jnp.exp(b), 0.0)
-    k_decay = _masked_exp(reaches_end, b_last[..., None] - b)
-    chunk_decay = jnp.where(sees_state[..., -1], jnp.exp(b_last), 0.0)
+  if masks is not None:
+    causal = causal & masks[2]
   intra_decay = _masked_exp(causal, b[..., :, None] - b[..., None, :])
-  return q_decay, k_decay, chunk_decay, intra_decay
+  return (*_boundary_factors(b, masks), intra_decay)
 
 
 def _scalar_chunks_fwd(q, k, v, g, s0, masks):
@@ -291,21 +302,12 @@ def _vector_chunks(q, k, v, g, s0, masks, sub):
   masks as in :func:`_scalar_factors`. Returns ``(o, S_final)``.
   """
   b = jnp.cumsum(g, axis=3)  # in-chunk, inclusive
-  b_last = b[:, :, :, -1]  # [B, H, N, K]
-  if masks is None:
-    sees_state = reaches_end = True
-    same_doc = None
-  else:
-    sees_state, reaches_end = (m[..., None] for m in masks[:2])
-    same_doc = masks[2][:, 0]
-  k_end = k * _masked_exp(reaches_end, b_last[:, :, :, None] - b)
-  chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", k_end, v)
-  chunk_decay = jnp.exp(b_last)
-  if masks is not None:
-    chunk_decay = jnp.where(sees_state[:, :, :, -1], chunk_decay, 0.0)
+  q_decay, k_decay, chunk_decay = _boundary_factors(b, masks)
+  chunk_kv = jnp.einsum("bhnck,bhncv->bhnkv", k * k_decay, v)
   s_in, s_final = _scan_chunk_states(chunk_decay, chunk_kv, s0)
-  q_in = jnp.where(sees_state, q * jnp.exp(b), 0.0)
-  o = jnp.einsum("bhnck,bhnkv->bhncv", q_in, s_in) + _vector_intra(q, k, v, b, same_doc, sub)
+  same_doc = None if masks is None else masks[2][:, 0]
+  o = (jnp.einsum("bhnck,bhnkv->bhncv", q * q_decay, s_in)
+       + _vector_intra(q, k, v, b, same_doc, sub))
   return o, s_final
 
 
