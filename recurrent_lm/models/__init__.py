@@ -1,0 +1,10 @@
+"""The language model, its layer layouts, presets and the mixer registry.
+
+    config = models.presets.get("qlstm_mini", vocab_size=16384)
+    model = models.LanguageModel(config)
+    logits, state = model.apply(params, tokens, state=None, segment_ids=None)
+"""
+
+from recurrent_lm.models import presets
+from recurrent_lm.models.lm import Block, LanguageModel, MixerSpec, ModelConfig
+from recurrent_lm.models.registry import get_mixer, mixer_names, register_mixer

@@ -1,0 +1,291 @@
+"""The language model: embeddings, a stack of pre-norm residual blocks, logits.
+
+For tokens ``x`` ``[B, T]``::
+
+    h_0 = E[x] (+ P[pos])                        token (and learned position) embedding
+    h   = h + Mixer_l(Norm(h))                   every layer l
+    h   = h + MLP_l(Norm(h))                     (unless mlp == "none")
+    logits = cap · tanh(Norm(h) W / cap)         W = Eᵀ when tied; no cap when None
+
+The layers follow a *layout*: a period of mixer specs repeated
+``num_layers / len(layout)`` times, so a homogeneous stack is a layout of one
+spec and a hybrid (e.g. linear attention, sliding window, linear attention, …)
+is a longer layout — a config, not a new class. The periods run under
+``nn.scan`` with parameters stacked on a leading ``layers`` axis, so compile
+time does not grow with depth; ``remat`` recomputes a period's activations in
+the backward pass instead of storing them.
+
+The model follows the mixer protocol itself::
+
+    logits, state = model.apply(params, tokens, state=None, segment_ids=None)
+
+``state`` holds every layer's mixer state (stacked per layout slot) and the
+position of the next token within its document, so a sequence run whole,
+in pieces with the state carried, or token by token gives the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recurrent_lm import layers
+from recurrent_lm.models import registry
+from recurrent_lm.ops import _checks
+
+_MLPS = ("gelu", "swiglu", "none")
+_NORMS = ("layernorm", "rmsnorm")
+_POSITIONS = ("none", "learned")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+  """One slot of a layout: a registered mixer name and its keyword arguments."""
+  name: str
+  kwargs: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def from_dict(cls, spec: Mapping[str, Any]) -> "MixerSpec":
+    """``{"mixer": "gla", "num_heads": 4}`` → ``MixerSpec("gla", (("num_heads", 4),))``."""
+    spec = dict(spec)
+    if "mixer" not in spec:
+      raise ValueError(f"layout entry {spec} has no 'mixer' key; expected {{'mixer': name, ...}}")
+    name = spec.pop("mixer")
+    return cls(name, tuple(sorted(spec.items())))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"mixer": self.name, **dict(self.kwargs)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that defines a model's parameters and its function.
+
+  Attributes:
+    vocab_size: V.
+    d_model: width D.
+    num_layers: L, a multiple of ``len(layout)``.
+    layout: the mixer specs of one period of layers.
+    mlp: channel mixer after every mixer: ``gelu`` (GPT), ``swiglu`` or ``none``.
+    mlp_hidden_dim: its hidden width; 4·D for ``gelu``, 8/3·D rounded up to a
+      multiple of 64 for ``swiglu`` when None.
+    norm: ``layernorm`` or ``rmsnorm``, before every mixer, MLP and the logits.
+    positions: ``learned`` adds a position embedding of ``max_len`` rows
+      (positions restart at every document); ``none`` leaves order to the mixers.
+    max_len: rows of the learned position table; positions past it give NaN
+      logits rather than a silently wrong position.
+    tie_embeddings: logits use the transposed token embedding.
+    logit_softcap: ``cap · tanh(logits / cap)`` when set.
+    remat: recompute each period's activations in the backward pass.
+    dtype: compute dtype of the layers (logits are float32).
+    param_dtype: dtype of the parameters.
+  """
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  layout: tuple[MixerSpec, ...]
+  mlp: str = "gelu"
+  mlp_hidden_dim: int | None = None
+  norm: str = "layernorm"
+  positions: str = "none"
+  max_len: int = 512
+  tie_embeddings: bool = False
+  logit_softcap: float | None = None
+  remat: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    for field, value in (("vocab_size", self.vocab_size), ("d_model", self.d_model),
+                         ("num_layers", self.num_layers), ("max_len", self.max_len)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.{field}={value!r}; expected a positive int")
+    if not self.layout:
+      raise ValueError("model.layout is empty; expected at least one mixer spec")
+    if self.num_layers % len(self.layout):
+      raise ValueError(
+          f"model.num_layers={self.num_layers} is not a multiple of the layout "
+          f"length {len(self.layout)}")
+    for spec in self.layout:
+      registry.get_mixer(spec.name)   # raises on an unknown name
+    for field, value, allowed in (("mlp", self.mlp, _MLPS), ("norm", self.norm, _NORMS),
+                                  ("positions", self.positions, _POSITIONS),
+                                  ("dtype", self.dtype, _DTYPES),
+                                  ("param_dtype", self.param_dtype, _DTYPES)):
+      if value not in allowed:
+        raise ValueError(f"model.{field}={value!r}; expected one of {', '.join(allowed)}")
+    if self.logit_softcap is not None and not self.logit_softcap > 0:
+      raise ValueError(f"model.logit_softcap={self.logit_softcap}; expected > 0 or None")
+
+  @classmethod
+  def from_dict(cls, config: Mapping[str, Any]) -> "ModelConfig":
+    """From plain data (an ``ml_collections`` dict, JSON): ``layout`` is a list of dicts."""
+    config = dict(config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+      raise ValueError(f"unknown model config field(s) {unknown}; expected some of {sorted(known)}")
+    config["layout"] = tuple(MixerSpec.from_dict(s) for s in config.get("layout", ()))
+    return cls(**config)
+
+  def to_dict(self) -> dict[str, Any]:
+    config = dataclasses.asdict(self)
+    config["layout"] = [spec.to_dict() for spec in self.layout]
+    return config
+
+  @property
+  def num_periods(self) -> int:
+    return self.num_layers // len(self.layout)
+
+  @property
+  def hidden_dim(self) -> int:
+    if self.mlp_hidden_dim is not None:
+      return self.mlp_hidden_dim
+    if self.mlp == "swiglu":
+      return -(-8 * self.d_model // 3 // 64) * 64
+    return 4 * self.d_model
+
+  def make_mixer(self, spec: MixerSpec, **kwargs) -> nn.Module:
+    return registry.get_mixer(spec.name)(
+        self.d_model, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+        **dict(spec.kwargs), **kwargs)
+
+
+def _norm(config: ModelConfig, name: str) -> nn.Module:
+  cls = layers.LayerNorm if config.norm == "layernorm" else layers.RMSNorm
+  return cls(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), name=name)
+
+
+class Block(nn.Module):
+  """``h + Mixer(Norm h)`` then ``h + MLP(Norm h)``; ``h`` ``[B, T, D]``."""
+  config: ModelConfig
+  spec: MixerSpec
+
+  @nn.compact
+  def __call__(self, h, state, segment_ids):
+    config = self.config
+    y, state = config.make_mixer(self.spec, name="mixer")(
+        _norm(config, "mixer_norm")(h), state, segment_ids)
+    h = h + y.astype(h.dtype)
+    if config.mlp != "none":
+      mlp_cls = layers.GeluMLP if config.mlp == "gelu" else layers.SwiGLU
+      mlp = mlp_cls(config.hidden_dim, dtype=jnp.dtype(config.dtype),
+                    param_dtype=jnp.dtype(config.param_dtype), name="mlp")
+      h = h + mlp(_norm(config, "mlp_norm")(h)).astype(h.dtype)
+    return h, state
+
+
+class _Period(nn.Module):
+  """One period of the layout: ``len(layout)`` blocks; scanned over by the LM."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, states, segment_ids):
+    new_states = []
+    for i, spec in enumerate(self.config.layout):
+      h, state = Block(self.config, spec, name=f"block_{i}")(
+          h, None if states is None else states[i], segment_ids)
+      new_states.append(state)
+    return h, tuple(new_states)
+
+
+def _positions(offset, segment_ids, time: int):
+  """``[B, T]`` position of every token in its document.
+
+  Args:
+    offset: ``[B]`` int32 position of the first token (from the carried state).
+    segment_ids: ``[B, T]`` or None. A new document restarts at 0; position 0
+      of the call continues the carried document (as every mixer does).
+    time: T.
+  """
+  t = jnp.arange(time, dtype=jnp.int32)[None, :]
+  continued = offset[:, None] + t
+  if segment_ids is None:
+    return continued
+  starts = _checks.segment_starts(segment_ids)
+  last_start = jax.lax.cummax(jnp.where(starts, t, -1), axis=1)
+  return jnp.where(last_start >= 0, t - last_start, continued)
+
+
+class LanguageModel(nn.Module):
+  """A causal LM over a layout of token mixers (module docstring for the equations)."""
+  config: ModelConfig
+
+  def init_state(self, batch_size: int, dtype=None) -> dict[str, Any]:
+    """The state of ``batch_size`` fresh sequences; needs no parameters.
+
+    Returns:
+      ``{"position": [B] int32, "layers": (per layout slot: the mixer state
+      stacked on a leading [num_periods] axis, ...)}``.
+    """
+    config = self.config
+    layer_states = tuple(
+        jax.tree_util.tree_map(
+            lambda s: jnp.broadcast_to(s, (config.num_periods,) + s.shape),
+            config.make_mixer(spec, parent=None).init_state(batch_size, dtype))
+        for spec in config.layout)
+    return {"position": jnp.zeros((batch_size,), jnp.int32), "layers": layer_states}
+
+  @nn.compact
+  def __call__(self, tokens, state=None, segment_ids=None):
+    """Next-token logits.
+
+    Args:
+      tokens: ``[B, T]`` int token ids in ``[0, vocab_size)``; an id outside
+        gives NaN logits at its position (ids are checked on the host where
+        data enters; inside ``jit`` NaN is the loudest signal available).
+      state: from ``init_state`` or a previous call; None starts every row.
+      segment_ids: ``[B, T]`` document ids of a packed row.
+
+    Returns:
+      ``(logits, state)``: ``logits`` ``[B, T, V]`` float32 and the state
+      after the last token.
+    """
+    config = self.config
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+      raise ValueError(f"tokens have shape {list(tokens.shape)}; expected [B, T] with T >= 1")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"tokens have dtype {tokens.dtype}; expected an integer dtype")
+    batch, time = tokens.shape
+    dtype = jnp.dtype(config.dtype)
+    embed_init = nn.initializers.normal(0.02)
+    table = self.param("embedding", nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
+                       (config.vocab_size, config.d_model), jnp.dtype(config.param_dtype))
+    h = jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+
+    offset = jnp.zeros((batch,), jnp.int32) if state is None else state["position"]
+    positions = _positions(offset, segment_ids, time)
+    if config.positions == "learned":
+      pos_table = self.param(
+          "position_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),
+          (config.max_len, config.d_model), jnp.dtype(config.param_dtype))
+      h = h + jnp.take(pos_table, positions, axis=0, mode="fill", fill_value=jnp.nan)
+    h = h.astype(dtype)
+
+    period = _Period
+    if config.remat:
+      period = nn.remat(period, prevent_cse=False)
+    stack = nn.scan(period, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(0, nn.broadcast), length=config.num_periods,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    h, layer_states = stack(config, name="layers")(
+        h, None if state is None else state["layers"], segment_ids)
+
+    h = _norm(config, "final_norm")(h)
+    if config.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", h, table.astype(dtype))
+    else:
+      logits = nn.Dense(
+          config.vocab_size, use_bias=False, dtype=dtype,
+          param_dtype=jnp.dtype(config.param_dtype), name="logits",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), ("embed", "vocab")))(h)
+    logits = logits.astype(jnp.float32)
+    if config.logit_softcap is not None:
+      logits = config.logit_softcap * jnp.tanh(logits / config.logit_softcap)
+    return logits, {"position": positions[:, -1] + 1, "layers": layer_states}

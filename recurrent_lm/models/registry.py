@@ -1,0 +1,53 @@
+"""The mixer registry: token-mixer names → constructors.
+
+A constructor is called as ``make(d_model, dtype=..., param_dtype=..., **kwargs)``
+and returns a Flax module following the mixer protocol of
+:mod:`recurrent_lm.layers`. Layouts name mixers by these names, so a config
+file can say ``{"mixer": "gla", "num_heads": 4}``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+
+from recurrent_lm import layers
+
+MixerFactory = Callable[..., nn.Module]
+
+_MIXERS: dict[str, MixerFactory] = {}
+
+
+def register_mixer(name: str, factory: MixerFactory) -> None:
+  """Registers ``factory`` under ``name``; a name is registered once."""
+  if name in _MIXERS:
+    raise ValueError(f"mixer {name!r} is already registered")
+  _MIXERS[name] = factory
+
+
+def mixer_names() -> tuple[str, ...]:
+  """The registered mixer names, sorted."""
+  return tuple(sorted(_MIXERS))
+
+
+def get_mixer(name: str) -> MixerFactory:
+  """The constructor registered under ``name``."""
+  try:
+    return _MIXERS[name]
+  except KeyError:
+    raise ValueError(
+        f"unknown mixer {name!r}; expected one of {', '.join(mixer_names())}") from None
+
+
+def _sliding_window(d_model: int, *, window: int, **kwargs) -> layers.Attention:
+  """Softmax attention over the last ``window`` tokens (a ring-buffer cache)."""
+  return layers.Attention(d_model, window=window, **kwargs)
+
+
+register_mixer("attention", layers.Attention)
+register_mixer("sliding_window", _sliding_window)
+register_mixer("linear_attention", layers.LinearAttention)
+register_mixer("gla", layers.GatedLinearAttention)
+register_mixer("mamba2", layers.Mamba2)
+register_mixer("qlstm", layers.QLSTM)

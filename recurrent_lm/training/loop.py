@@ -1,0 +1,459 @@
+"""The training loop: data → jitted step on a mesh → metrics, checkpoints.
+
+``train(config, workdir)`` runs (or resumes) one run. The work directory holds
+everything about it::
+
+    <workdir>/config.json        the resolved config (``evaluate.py`` rebuilds the model from it)
+    <workdir>/checkpoints/<N>/   orbax: train state + grain iterator position
+    <workdir>/metrics.jsonl      one JSON line per logged step
+    <workdir>/tensorboard/       the same scalars for TensorBoard
+    <workdir>/summary.json       figures of the finished run
+
+Guarantees:
+
+* **Exact resume.** Re-running the same command continues from the newest
+  readable checkpoint with the same parameters, optimizer state and data
+  position, so the loss trajectory equals an uninterrupted run's (bitwise on
+  CPU) and no batch is skipped or repeated. ``metrics.jsonl`` is cut back to
+  the checkpoint so it holds one trajectory.
+* **Nothing overwritten.** A work directory holding a run of a different
+  config is refused before anything is written.
+* **Stops loudly.** A non-finite loss stops the run with an error naming the
+  step; checkpoints are only written after the losses before them were
+  checked, so the newest one is good. SIGTERM/SIGINT save a checkpoint first.
+
+With ``train.time_budget_s > 0`` and ``train.steps == 0`` the number of steps
+is set Languini-style: the step is timed on random tokens after warm-up and
+``steps = budget / seconds per step``; the result is written into the stored
+config, so a resumed run keeps the same schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorboardX
+import tqdm
+
+from recurrent_lm import data as data_lib
+from recurrent_lm import models
+from recurrent_lm.training import checkpoint as checkpoint_lib
+from recurrent_lm.training import optimizer as optimizer_lib
+from recurrent_lm.training import sharding
+from recurrent_lm.training import step as step_lib
+from recurrent_lm.training import throughput
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# Fields that may differ when a run is resumed: how often it logs and keeps
+# checkpoints, where the (identical) data cache lives, how it is evaluated.
+_RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                      "data.data_dir", "eval")
+_TIMED_STEPS = 5
+
+
+# ---------------------------------------------------------------------------
+# Config and work directory.
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _plain(config) -> dict:
+  """A config as plain JSON data (tuples become lists), for comparing and storing."""
+  config = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  return json.loads(json.dumps(config))
+
+
+def model_config(config) -> models.ModelConfig:
+  """The ``ModelConfig`` of a run config's ``model`` section."""
+  return models.ModelConfig.from_dict(_plain(config)["model"])
+
+
+def check_config(config) -> None:
+  """Raises ``ValueError`` with one line naming the first bad field."""
+  model = model_config(config)
+  if model.vocab_size != config.data.vocab_size:
+    raise ValueError(f"model.vocab_size={model.vocab_size} != data.vocab_size="
+                     f"{config.data.vocab_size}; expected them equal")
+  for name, value in (("data.seq_len", config.data.seq_len),
+                      ("data.batch_size", config.data.batch_size),
+                      ("train.log_every", config.train.log_every),
+                      ("train.checkpoint_every", config.train.checkpoint_every),
+                      ("train.keep_checkpoints", config.train.keep_checkpoints),
+                      ("train.accum_steps", config.train.accum_steps)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name}={value!r}; expected a positive int")
+  if config.train.steps < 0 or config.train.time_budget_s < 0:
+    raise ValueError(f"train.steps={config.train.steps}, train.time_budget_s="
+                     f"{config.train.time_budget_s}; expected non-negative values")
+  if config.train.steps == 0 and config.train.time_budget_s == 0:
+    raise ValueError("train.steps=0 and train.time_budget_s=0; expected one of them set")
+  if config.data.batch_size % config.train.accum_steps:
+    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                     f"train.accum_steps={config.train.accum_steps}")
+  if model.positions == "learned" and config.data.seq_len > model.max_len:
+    raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
+                     f"{model.max_len}, the rows of the learned position table")
+  # Dimension errors of the mixers (heads not dividing the width, …) surface
+  # when the model is traced; do it now, before the work directory is touched.
+  jax.eval_shape(models.LanguageModel(model).init, jax.random.PRNGKey(0),
+                 jnp.zeros((1, 1), jnp.int32))
+
+
+def _differences(stored: dict, new: dict) -> list[str]:
+  flat_stored, flat_new = _flatten(stored), _flatten(new)
+  diffs = []
+  for name in sorted(set(flat_stored) | set(flat_new)):
+    if any(name == f or name.startswith(f + ".") for f in _RESUMABLE_CHANGES):
+      continue
+    if name == "train.steps" and new["train"]["time_budget_s"] > 0 and new["train"]["steps"] == 0:
+      continue   # resolved from the budget when the run started
+    if flat_stored.get(name, "<absent>") != flat_new.get(name, "<absent>"):
+      diffs.append(f"{name}: {flat_stored.get(name, '<absent>')!r} -> "
+                   f"{flat_new.get(name, '<absent>')!r}")
+  return diffs
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config stored in ``workdir``."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; expected a work directory of train.py")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write_json_atomic(path: str, payload) -> None:
+  directory = os.path.dirname(path)
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(f.name, path)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Keeps the lines of ``path`` up to ``last_step`` (the restored checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
+                                   suffix=".tmp") as f:
+    f.writelines(lines)
+  os.replace(f.name, path)
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the loop.
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.signum = None
+
+  @contextlib.contextmanager
+  def installed(self):
+    previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+
+def _global_batch(batch: dict[str, np.ndarray], batch_sharding, vocab_size: int, step: int):
+  """Host batch → global ``jax.Array``s, checking token ids on the way in."""
+  for name in ("inputs", "targets"):
+    low, high = int(batch[name].min()), int(batch[name].max())
+    if low < 0 or high >= vocab_size:
+      bad = low if low < 0 else high
+      raise ValueError(f"token id {bad} in {name} of batch {step} is outside [0, {vocab_size}); "
+                       "the token shards do not match the tokenizer/model vocabulary")
+  return {name: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
+          for name, value in batch.items() if name in ("inputs", "targets", "segment_ids")}
+
+
+def _random_batch(config, batch_sharding):
+  rng = np.random.default_rng(0)
+  shape = (config.data.batch_size // jax.process_count(), config.data.seq_len)
+  batch = {"inputs": rng.integers(0, config.data.vocab_size, shape, np.int32),
+           "targets": rng.integers(0, config.data.vocab_size, shape, np.int32),
+           "segment_ids": np.ones(shape, np.int32)}
+  return _global_batch(batch, batch_sharding, config.data.vocab_size, 0)
+
+
+def _seconds_per_step(step_fn, state, batch) -> float:
+  """Median seconds of the compiled step (after one warm-up) on ``batch``."""
+  state, _ = step_fn(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(_TIMED_STEPS):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+class _Logger:
+  """Writes interval metrics to ``metrics.jsonl``, TensorBoard and the progress bar."""
+
+  def __init__(self, workdir: str, start_step: int, total_steps: int, flops_per_token: float,
+               peak_flops: float):
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                              purge_step=start_step + 1)
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                          dynamic_ncols=True, mininterval=1.0)
+    self._flops_per_token = flops_per_token
+    self._peak = peak_flops
+    self._time = time.perf_counter()
+    self.tokens_per_s: list[float] = []
+
+  def restart_clock(self):
+    self._time = time.perf_counter()
+
+  def log(self, rows: list[tuple[int, dict[str, float]]], learning_rate: float) -> None:
+    """``rows`` are ``(step, metrics)`` of the steps since the last call, finite."""
+    now = time.perf_counter()
+    elapsed, self._time = now - self._time, now
+    nll = sum(m["nll_sum"] for _, m in rows)
+    tokens = sum(m["tokens"] for _, m in rows)
+    num_bytes = sum(m.get("bytes", 0.0) for _, m in rows)
+    step, last = rows[-1]
+    tokens_per_s = tokens / max(elapsed, 1e-9)
+    self.tokens_per_s.append(tokens_per_s)
+    record = {
+        "step": step, "loss": nll / tokens, "perplexity": math.exp(min(nll / tokens, 700)),
+        "tokens_per_s": tokens_per_s,
+        "mfu": self._flops_per_token * tokens_per_s / self._peak,
+        "grad_norm": last["grad_norm"], "learning_rate": learning_rate,
+    }
+    if num_bytes:
+      record["bits_per_byte"] = nll / num_bytes / math.log(2)
+      record["byte_perplexity"] = math.exp(nll / num_bytes)
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step":
+        self._writer.add_scalar(f"train/{name}", value, step)
+    self._bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                          mfu=f"{100 * record['mfu']:.1f}%", refresh=False)
+    self._bar.update(step - self._bar.n)
+
+  def close(self):
+    self._bar.close()
+    self._writer.close()
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def _build(config, model, mesh, steps: int, byte_lengths=None):
+  """``(optimizer, init_fn, step_fn, state_sharding)`` of a run on ``mesh``.
+
+  ``init_fn()`` makes a fresh ``TrainState`` laid out by the sharding rules;
+  ``step_fn(state, batch)`` is the jitted train step (the state is donated).
+  """
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, steps)
+
+  def init():
+    return step_lib.init_state(model, optimizer, (1, 1), config.train.seed)
+  boxed = jax.eval_shape(init)
+  state_sharding = sharding.logical_shardings(nn.get_partition_spec(boxed), mesh)
+  init_fn = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=state_sharding)
+  step_fn = jax.jit(
+      step_lib.make_train_step(
+          model, optimizer, accum_steps=config.train.accum_steps,
+          byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths)),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  return optimizer, init_fn, step_fn, state_sharding
+
+
+def _abstract(init_fn, state_sharding):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(init_fn), state_sharding)
+
+
+def restore_state(workdir: str):
+  """``(config, TrainState)`` of the newest readable checkpoint of a run.
+
+  The model and optimizer are rebuilt from ``<workdir>/config.json`` alone;
+  the arrays land on a mesh of all local devices laid out by the rules.
+  """
+  config = load_config(workdir)
+  model = models.LanguageModel(model_config(config))
+  mesh = sharding.make_mesh(**config.mesh.to_dict())
+  _, init_fn, _, state_sharding = _build(config, model, mesh, config.train.steps)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             keep=config.train.keep_checkpoints)
+  try:
+    state = checkpointer.restore_latest(_abstract(init_fn, state_sharding))
+  finally:
+    checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no readable checkpoint")
+  return config, state
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run of ``config`` in ``workdir``; returns its summary.
+
+  Raises:
+    ValueError: a bad config, or ``workdir`` holds a run of another config.
+    FloatingPointError: the loss became non-finite (the message names the step).
+    SystemExit: on SIGTERM/SIGINT, after saving a checkpoint.
+  """
+  check_config(config)
+  workdir = os.path.abspath(workdir)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  stored = None
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      stored = json.load(f)
+    diffs = _differences(stored, _plain(config))
+    if diffs:
+      raise ValueError(f"workdir {workdir} holds a run of a different config "
+                       f"({'; '.join(diffs[:3])}); use a new --workdir")
+  elif os.path.isdir(workdir) and os.listdir(workdir):
+    raise ValueError(f"workdir {workdir} is not empty and holds no {CONFIG_FILE}; "
+                     "expected a new or empty directory, or one of a previous run")
+
+  prepared = data_lib.prepare_dataset(config.data.data_dir or None, config.data.corpus,
+                                      config.data.vocab_size)
+  if prepared.tokenizer.vocab_size != config.data.vocab_size:
+    raise ValueError(f"the tokenizer has {prepared.tokenizer.vocab_size} tokens; "
+                     f"expected data.vocab_size={config.data.vocab_size}")
+  model_cfg = model_config(config)
+  model = models.LanguageModel(model_cfg)
+  mesh = sharding.make_mesh(**config.mesh.to_dict())
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch_shape = (config.data.batch_size, config.data.seq_len)
+
+  def build(steps):
+    return _build(config, model, mesh, steps, prepared.tokenizer.byte_lengths)
+
+  steps = stored["train"]["steps"] if stored else config.train.steps
+  if not steps:
+    _, init_fn, step_fn, _ = build(1000)   # the schedule does not change the step's cost
+    seconds = _seconds_per_step(step_fn, init_fn(), _random_batch(config, batch_sharding))
+    steps = max(1, int(config.train.time_budget_s / seconds))
+    print(f"{seconds * 1e3:.1f} ms per step on random tokens: {steps} steps fit in "
+          f"{config.train.time_budget_s:.0f} s", flush=True)
+  optimizer, init_fn, step_fn, state_sharding = build(steps)
+  resolved = _plain(config)
+  resolved["train"]["steps"] = steps
+  if stored is None:
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(config_path, resolved)
+
+  train_iter = iter(data_lib.lm_dataset(prepared.shards["train"], seq_len=config.data.seq_len,
+                                        batch_size=config.data.batch_size,
+                                        seed=config.data.seed))
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             keep=config.train.keep_checkpoints)
+  state = checkpointer.restore_latest(_abstract(init_fn, state_sharding), train_iter)
+  if state is None:
+    state = init_fn()
+  start = int(state.step)
+  _truncate_metrics(os.path.join(workdir, METRICS_FILE), start)
+  if start:
+    print(f"resuming from the checkpoint at step {start}", flush=True)
+
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  flops_per_token = throughput.flops_per_token(model_cfg, state.params, config.data.seq_len)
+  peak = throughput.matmul_peak_flops()
+  schedule = optimizer_lib.learning_rate(config.optimizer, steps)
+  logger = _Logger(workdir, start, steps, flops_per_token, peak)
+  stop = _StopSignal()
+  pending: list[tuple[int, Any]] = []
+  last_saved = start if checkpointer.steps() else None
+  tokens_seen = start * config.data.batch_size * config.data.seq_len
+  train_seconds = 0.0
+  compiled = None
+  try:
+    with stop.installed():
+      for step in range(start, steps):
+        batch = _global_batch(next(train_iter), batch_sharding, config.data.vocab_size, step)
+        if compiled is None:   # compile outside the timed intervals
+          compiled = step_fn.lower(state, batch).compile()
+          logger.restart_clock()
+          interval_start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        pending.append((step + 1, metrics))
+        done = step + 1
+        stopping = stop.signum is not None   # read once: a signal may land mid-iteration
+        save = done % config.train.checkpoint_every == 0 or done == steps or stopping
+        if save or done % config.train.log_every == 0:
+          rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+          pending = []
+          train_seconds += time.perf_counter() - interval_start
+          for s, m in rows:
+            if not math.isfinite(m["loss"]):
+              kept = (f"the newest checkpoint, step {last_saved}, predates it"
+                      if last_saved else "no checkpoint was saved before it")
+              raise FloatingPointError(f"loss is {m['loss']} at step {s}; stopped ({kept})")
+          logger.log(rows, float(schedule(done - 1)))
+          tokens_seen = done * config.data.batch_size * config.data.seq_len
+          interval_start = time.perf_counter()
+        if save:
+          checkpointer.save(done, state, train_iter)
+          last_saved = done
+        if stopping:
+          checkpointer.wait()
+          print(f"stopped by signal {stop.signum} after step {done}; checkpoint saved",
+                flush=True)
+          raise SystemExit(128 + stop.signum)
+  finally:
+    logger.close()
+    checkpointer.close()
+
+  summary = {
+      "params": num_params, "steps": steps, "tokens_seen": tokens_seen,
+      "tokens_per_s": statistics.median(logger.tokens_per_s) if logger.tokens_per_s else None,
+      "train_seconds": train_seconds, "flops_per_token": flops_per_token,
+      "peak_flops": peak, "final_loss": None,
+  }
+  if summary["tokens_per_s"]:
+    summary["mfu"] = flops_per_token * summary["tokens_per_s"] / peak
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      lines = [json.loads(line) for line in f if line.strip()]
+    if lines:
+      summary["final_loss"] = lines[-1]["loss"]
+  write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+  return summary

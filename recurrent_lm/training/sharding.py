@@ -1,0 +1,82 @@
+"""Sharding as data: one table maps logical axis names onto mesh axes.
+
+Parameters and activations carry logical names (``batch, length, embed,
+heads, kv_heads, head_dim, mlp, vocab, layers``); :data:`RULES` maps them onto
+the mesh axes ``data, fsdp, tensor, sequence``. A single device is the mesh of
+size 1 — the same code path.
+
+    logical      mesh axes
+    batch        (data, fsdp)     data parallel; FSDP shards the batch too
+    length       sequence
+    embed        fsdp             parameters sharded along the model width
+    heads        tensor           Megatron-style tensor parallelism
+    kv_heads     tensor
+    mlp          tensor
+    vocab        tensor
+    head_dim, layers              replicated
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
+              devices=None) -> Mesh:
+  """A mesh over ``devices`` (all devices when None); ``-1`` takes what is left.
+
+  Raises:
+    ValueError: when the axis sizes do not multiply to the number of devices.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "sequence": sequence}
+  for name, size in sizes.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ValueError(f"mesh.{name}={size!r}; expected a positive int or -1")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh axes {free} are all -1; expected at most one")
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if free:
+    if len(devices) % fixed:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh axes {sizes}")
+    sizes[free[0]] = len(devices) // fixed
+  if int(np.prod(list(sizes.values()))) != len(devices):
+    raise ValueError(
+        f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; "
+        f"there are {len(devices)}")
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_shardings(logical_specs, mesh: Mesh):
+  """``NamedSharding`` for every leaf of a tree of logical ``PartitionSpec``s."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of ``[batch, length]`` arrays: rows over ``data × fsdp``."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), RULES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

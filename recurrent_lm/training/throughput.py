@@ -1,0 +1,54 @@
+"""What a step costs: model FLOPs per token and the machine's matmul peak.
+
+MFU (model FLOPs utilisation) = ``flops_per_token · tokens/s / peak``, with the
+PaLM estimate of training FLOPs per token::
+
+    6 · N  +  12 · L_attn · T · D_attn
+
+``N`` counts the parameters that multiply activations (every matrix but the
+input embedding table, which is a lookup); the second term is the attention
+score and mix matmuls of ``L_attn`` full or windowed attention layers of
+width ``D_attn = heads · head_dim`` over ``T`` tokens (the window where smaller).
+Recurrent mixers' element-wise scans are left out (they are not matmuls).
+The peak is *measured*: the median throughput of a dense ``n × n × n`` matmul.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def flops_per_token(config, params, seq_len: int) -> float:
+  """Training FLOPs per token of a ``ModelConfig`` with ``params``."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  n = sum(int(np.prod(x.shape)) for path, x in leaves
+          if getattr(path[-1], "key", None) not in ("embedding", "position_embedding"))
+  if config.tie_embeddings:
+    n += config.vocab_size * config.d_model
+  attention = 0.0
+  for spec in config.layout:
+    if spec.name in ("attention", "sliding_window"):
+      kwargs = dict(spec.kwargs)
+      width = kwargs.get("head_dim") or config.d_model // kwargs["num_heads"]
+      context = min(seq_len, kwargs.get("window") or seq_len)
+      attention += 12 * config.num_periods * context * width * kwargs["num_heads"]
+  return 6.0 * n + attention
+
+
+def matmul_peak_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Median FLOP/s of a dense ``size³`` matmul in ``dtype`` on the default device."""
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
+  matmul = jax.jit(jnp.dot)
+  jax.block_until_ready(matmul(a, b))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  return 2.0 * size ** 3 / statistics.median(times)
