@@ -8,7 +8,7 @@ by a multi-head qLSTM) at four sizes (layers / width / heads):
 
 As in the Languini reference the qLSTM's cells are ``heads × 64`` wide,
 except mini's ``8 × 32 = 256`` (half its width).
-``cpu_tiny`` (2/64/2) and ``cpu_small`` (4/256/4) are for tests and CPU demos.
+``cpu_tiny`` (2/64/2) and ``cpu_small`` (4/128/4) are for tests and CPU demos.
 Preset names are ``<family>_<size>``, e.g. ``gpt_small`` or ``qlstm_cpu_small``.
 """
 
@@ -18,7 +18,7 @@ from recurrent_lm.models.lm import MixerSpec, ModelConfig
 
 SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
     "cpu_tiny": (2, 64, 2),
-    "cpu_small": (4, 256, 4),
+    "cpu_small": (4, 128, 4),
     "mini": (4, 512, 8),
     "tiny": (4, 768, 12),
     "small": (12, 768, 12),

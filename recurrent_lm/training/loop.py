@@ -95,18 +95,19 @@ def model_config(config) -> models.ModelConfig:
 
 def check_config(config) -> None:
   """Raises ``ValueError`` with one line naming the first bad field."""
-  model = model_config(config)
-  if model.vocab_size != config.data.vocab_size:
-    raise ValueError(f"model.vocab_size={model.vocab_size} != data.vocab_size="
-                     f"{config.data.vocab_size}; expected them equal")
   for name, value in (("data.seq_len", config.data.seq_len),
                       ("data.batch_size", config.data.batch_size),
+                      ("data.vocab_size", config.data.vocab_size),
                       ("train.log_every", config.train.log_every),
                       ("train.checkpoint_every", config.train.checkpoint_every),
                       ("train.keep_checkpoints", config.train.keep_checkpoints),
                       ("train.accum_steps", config.train.accum_steps)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"{name}={value!r}; expected a positive int")
+  model = model_config(config)
+  if model.vocab_size != config.data.vocab_size:
+    raise ValueError(f"model.vocab_size={model.vocab_size} != data.vocab_size="
+                     f"{config.data.vocab_size}; expected them equal")
   if config.train.steps < 0 or config.train.time_budget_s < 0:
     raise ValueError(f"train.steps={config.train.steps}, train.time_budget_s="
                      f"{config.train.time_budget_s}; expected non-negative values")
@@ -399,7 +400,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   schedule = optimizer_lib.learning_rate(config.optimizer, steps)
   logger = _Logger(workdir, start, steps, flops_per_token, peak)
   stop = _StopSignal()
-  pending: list[tuple[int, Any]] = []
+  pending: list[tuple[int, Any]] = []     # device metrics not yet fetched
+  checked: list[tuple[int, dict]] = []    # fetched and finite, not yet logged
   last_saved = start if checkpointer.steps() else None
   tokens_seen = start * config.data.batch_size * config.data.seq_len
   train_seconds = 0.0
@@ -417,16 +419,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         done = step + 1
         stopping = stop.signum is not None   # read once: a signal may land mid-iteration
         save = done % config.train.checkpoint_every == 0 or done == steps or stopping
-        if save or done % config.train.log_every == 0:
+        log = done % config.train.log_every == 0 or done == steps or stopping
+        if save or log:   # every loss before a checkpoint is checked first
           rows = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
           pending = []
-          train_seconds += time.perf_counter() - interval_start
           for s, m in rows:
             if not math.isfinite(m["loss"]):
               kept = (f"the newest checkpoint, step {last_saved}, predates it"
                       if last_saved else "no checkpoint was saved before it")
               raise FloatingPointError(f"loss is {m['loss']} at step {s}; stopped ({kept})")
-          logger.log(rows, float(schedule(done - 1)))
+          checked += rows
+        if log:
+          train_seconds += time.perf_counter() - interval_start
+          logger.log(checked, float(schedule(done - 1)))
+          checked = []
           tokens_seen = done * config.data.batch_size * config.data.seq_len
           interval_start = time.perf_counter()
         if save:

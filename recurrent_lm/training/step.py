@@ -104,7 +104,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, accum_ste
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(counts, loss=counts["nll_sum"] / denominator,
-                   grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates))
+                   grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
