@@ -43,6 +43,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorboardX
@@ -192,6 +193,19 @@ class _StopSignal:
     self.signum = signum
 
 
+def _prepare_data(config) -> data_lib.PreparedData:
+  """The corpus, tokenizer and shards; built by process 0 while the others wait."""
+  def prepare():
+    return data_lib.prepare_dataset(config.data.data_dir or None, config.data.corpus,
+                                    config.data.vocab_size)
+  if jax.process_count() == 1:
+    return prepare()
+  if jax.process_index() == 0:
+    prepared = prepare()
+  multihost_utils.sync_global_devices("recurrent_lm: data prepared")
+  return prepared if jax.process_index() == 0 else prepare()
+
+
 def _global_batch(batch: dict[str, np.ndarray], batch_sharding, vocab_size: int, step: int):
   """Host batch → global ``jax.Array``s, checking token ids on the way in."""
   for name in ("inputs", "targets"):
@@ -230,12 +244,12 @@ class _Logger:
   """Writes interval metrics to ``metrics.jsonl``, TensorBoard and the progress bar."""
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, flops_per_token: float,
-               peak_flops: float):
-    self._path = os.path.join(workdir, METRICS_FILE)
-    self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                              purge_step=start_step + 1)
+               peak_flops: float, enabled: bool = True):
+    self._path = os.path.join(workdir, METRICS_FILE) if enabled else None
+    self._writer = tensorboardX.SummaryWriter(
+        os.path.join(workdir, "tensorboard"), purge_step=start_step + 1) if enabled else None
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                          dynamic_ncols=True, mininterval=1.0)
+                          dynamic_ncols=True, mininterval=1.0, disable=not enabled)
     self._flops_per_token = flops_per_token
     self._peak = peak_flops
     self._time = time.perf_counter()
@@ -263,6 +277,8 @@ class _Logger:
     if num_bytes:
       record["bits_per_byte"] = nll / num_bytes / math.log(2)
       record["byte_perplexity"] = math.exp(nll / num_bytes)
+    if self._path is None:
+      return
     with open(self._path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in record.items():
@@ -274,7 +290,8 @@ class _Logger:
 
   def close(self):
     self._bar.close()
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 # ---------------------------------------------------------------------------
@@ -353,8 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"workdir {workdir} is not empty and holds no {CONFIG_FILE}; "
                      "expected a new or empty directory, or one of a previous run")
 
-  prepared = data_lib.prepare_dataset(config.data.data_dir or None, config.data.corpus,
-                                      config.data.vocab_size)
+  prepared = _prepare_data(config)
   if prepared.tokenizer.vocab_size != config.data.vocab_size:
     raise ValueError(f"the tokenizer has {prepared.tokenizer.vocab_size} tokens; "
                      f"expected data.vocab_size={config.data.vocab_size}")
@@ -377,7 +393,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   optimizer, init_fn, step_fn, state_sharding = build(steps)
   resolved = _plain(config)
   resolved["train"]["steps"] = steps
-  if stored is None:
+  lead = jax.process_index() == 0    # one process writes the run's files
+  if stored is None and lead:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(config_path, resolved)
 
@@ -390,7 +407,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if state is None:
     state = init_fn()
   start = int(state.step)
-  _truncate_metrics(os.path.join(workdir, METRICS_FILE), start)
+  if lead:
+    _truncate_metrics(os.path.join(workdir, METRICS_FILE), start)
   if start:
     print(f"resuming from the checkpoint at step {start}", flush=True)
 
@@ -398,7 +416,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   flops_per_token = throughput.flops_per_token(model_cfg, state.params, config.data.seq_len)
   peak = throughput.matmul_peak_flops()
   schedule = optimizer_lib.learning_rate(config.optimizer, steps)
-  logger = _Logger(workdir, start, steps, flops_per_token, peak)
+  logger = _Logger(workdir, start, steps, flops_per_token, peak, enabled=lead)
   stop = _StopSignal()
   pending: list[tuple[int, Any]] = []     # device metrics not yet fetched
   checked: list[tuple[int, dict]] = []    # fetched and finite, not yet logged
@@ -461,5 +479,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       lines = [json.loads(line) for line in f if line.strip()]
     if lines:
       summary["final_loss"] = lines[-1]["loss"]
-  write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+  if lead:
+    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary
