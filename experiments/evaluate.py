@@ -11,13 +11,12 @@ their last ``stride`` tokens. The metrics go to
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
+from experiments import _cli
 from recurrent_lm import data as data_lib
 from recurrent_lm import evaluation
 from recurrent_lm import models
@@ -60,13 +59,11 @@ def evaluate(workdir: str, split: str | None = None, max_tokens: int | None = No
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:   # orbax and jax log every save at INFO
-    logging.set_verbosity(logging.WARNING)
+  _cli.quiet_logs()
   try:
     metrics = evaluate(_WORKDIR.value, _SPLIT.value, _MAX_TOKENS.value, _MODE.value)
   except (ValueError, FileNotFoundError) as error:
-    print(f"evaluate.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    _cli.fail("evaluate.py", error, 2)
   print(json.dumps(metrics, indent=2))
 
 

@@ -8,17 +8,17 @@ Any config field can be overridden (``--config.optimizer.peak_lr=1e-3``). The
 run writes its resolved config, checkpoints, ``metrics.jsonl``, TensorBoard
 scalars and ``summary.json`` into ``--workdir``; the same command again resumes
 from the newest checkpoint. Bad input (config, work directory, data) ends the
-program with one line on stderr and exit status 2.
+program with one line on stderr and exit status 2; a non-finite loss with
+status 3.
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from experiments import _cli
 from recurrent_lm import training
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,13 +30,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.", require
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:   # orbax and jax log every save at INFO
-    logging.set_verbosity(logging.WARNING)
+  _cli.quiet_logs()
   try:
     summary = training.train(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
-    print(f"train.py: error: {error}", file=sys.stderr)
-    sys.exit(2 if not isinstance(error, FloatingPointError) else 3)
+    _cli.fail("train.py", error, 3 if isinstance(error, FloatingPointError) else 2)
   print(json.dumps(summary, indent=2))
 
 

@@ -387,6 +387,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not steps:
     _, init_fn, step_fn, _ = build(1000)   # the schedule does not change the step's cost
     seconds = _seconds_per_step(step_fn, init_fn(), _random_batch(config, batch_sharding))
+    if jax.process_count() > 1:   # every process must run the same schedule
+      seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
     steps = max(1, int(config.train.time_budget_s / seconds))
     print(f"{seconds * 1e3:.1f} ms per step on random tokens: {steps} steps fit in "
           f"{config.train.time_budget_s:.0f} s", flush=True)
