@@ -13,7 +13,6 @@ and writes ``results.json`` and ``loss_curves.png`` into a fresh
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys

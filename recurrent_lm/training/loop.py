@@ -378,7 +378,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model = models.LanguageModel(model_cfg)
   mesh = sharding.make_mesh(**config.mesh.to_dict())
   batch_sharding = sharding.batch_sharding(mesh)
-  batch_shape = (config.data.batch_size, config.data.seq_len)
 
   def build(steps):
     return _build(config, model, mesh, steps, prepared.tokenizer.byte_lengths)

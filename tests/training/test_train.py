@@ -1,8 +1,6 @@
 """The train step, the optimizer, sharding and the loop's contract with its work directory."""
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -10,13 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from recurrent_lm import models
 from recurrent_lm import training
 from recurrent_lm.training import loop
-from recurrent_lm.training import step as step_lib
 from tests.layers._util import assert_close
 from tests.training.conftest import ENV, REPO, VOCAB, smoke_config
 
