@@ -289,3 +289,15 @@ class LanguageModel(nn.Module):
     if config.logit_softcap is not None:
       logits = config.logit_softcap * jnp.tanh(logits / config.logit_softcap)
     return logits, {"position": positions[:, -1] + 1, "layers": layer_states}
+
+
+def state_bytes(config: ModelConfig, batch_size: int = 1) -> int:
+  """Bytes of the state ``init_state`` carries for ``batch_size`` sequences.
+
+  What a model remembers of its past between calls: recurrent states,
+  convolution windows, and KV caches at their capacity (``max_len`` tokens
+  for full attention, ``window`` for a sliding window). The recall
+  experiments place models on the recall / state-size plane with it.
+  """
+  state = jax.eval_shape(lambda: LanguageModel(config).init_state(batch_size))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))

@@ -10,6 +10,14 @@ As in the Languini reference the qLSTM's cells are ``heads × 64`` wide,
 except mini's ``8 × 32 = 256`` (half its width).
 ``cpu_tiny`` (2/64/2) and ``cpu_small`` (4/128/4) are for tests and CPU demos.
 Preset names are ``<family>_<size>``, e.g. ``gpt_small`` or ``qlstm_cpu_small``.
+
+BASED (Arora et al., 2024) is a hybrid layout: mostly BaseConv layers, with
+Taylor linear attention (d′ = 16) and sliding-window attention (w = 256, rotary)
+in between, SwiGLU MLPs of width 2·D and RMSNorm. ``based_360m`` follows the
+paper's 360M model: 27 layers of width 1024, 16 heads, linear attention at
+layers 1, 6, 11, 16, 21 and the window at 2, 7, 12, 17, 22 (one period: the
+27 layers do not repeat). ``based_cpu_small`` repeats the period of five
+(conv, linear attention, window, conv, conv) at width 128, window 64.
 """
 
 from __future__ import annotations
@@ -25,17 +33,36 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
     "medium": (24, 1024, 16),
 }
 FAMILIES = ("gpt", "qlstm")
+BASED_SIZES = ("cpu_small", "360m")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
 
 def names() -> tuple[str, ...]:
-  return tuple(f"{family}_{size}" for family in FAMILIES for size in SIZES)
+  return (tuple(f"{family}_{size}" for family in FAMILIES for size in SIZES)
+          + tuple(f"based_{size}" for size in BASED_SIZES))
+
+
+def _based(size: str, vocab_size: int, max_len: int) -> ModelConfig:
+  d_model, heads, window, num_layers = (128, 4, 64, 5) if size == "cpu_small" else (1024, 16, 256, 27)
+  conv = MixerSpec("base_conv", (("expand", 4), ("kernel_size", 3)))
+  linear = MixerSpec("based", (("feature_dim", 16), ("num_heads", heads)))
+  sliding = MixerSpec("sliding_window", (("num_heads", heads), ("rope_theta", 10_000.0),
+                                         ("window", window)))
+  period = [conv, linear, sliding, conv, conv]
+  layout = period if size == "cpu_small" else [
+      linear if i % 5 == 1 and i < 25 else sliding if i % 5 == 2 and i < 25 else conv
+      for i in range(num_layers)]
+  return ModelConfig(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers,
+                     layout=tuple(layout), mlp="swiglu", mlp_hidden_dim=2 * d_model,
+                     norm="rmsnorm", positions="none", max_len=max_len)
 
 
 def get(name: str, vocab_size: int = VOCAB_SIZE, max_len: int = SEQ_LEN) -> ModelConfig:
   """The preset ``name`` (see :func:`names`) for ``vocab_size`` tokens."""
   family, _, size = name.partition("_")
+  if family == "based" and size in BASED_SIZES:
+    return _based(size, vocab_size, max_len)
   if family not in FAMILIES or size not in SIZES:
     raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(names())}")
   num_layers, d_model, num_heads = SIZES[size]

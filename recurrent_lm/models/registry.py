@@ -45,7 +45,15 @@ def _sliding_window(d_model: int, *, window: int, **kwargs) -> layers.Attention:
   return layers.Attention(d_model, window=window, **kwargs)
 
 
+def _based(d_model: int, *, num_heads: int, feature_dim: int = 16, **kwargs):
+  """BASED's linear attention: Taylor features of width d′ = 16, normalised."""
+  return layers.LinearAttention(d_model, num_heads=num_heads, feature_dim=feature_dim,
+                                feature_map="taylor", normalize=True, **kwargs)
+
+
 register_mixer("attention", layers.Attention)
+register_mixer("based", _based)
+register_mixer("base_conv", layers.BaseConv)
 register_mixer("sliding_window", _sliding_window)
 register_mixer("linear_attention", layers.LinearAttention)
 register_mixer("gla", layers.GatedLinearAttention)

@@ -38,6 +38,7 @@ CASES = [
         D, num_heads=2, feature_dim=8, feature_map="taylor", normalize=True, chunk_size=8,
         **kw)),
     ("gla", lambda **kw: layers.GatedLinearAttention(D, num_heads=2, chunk_size=8, **kw)),
+    ("base_conv", lambda **kw: layers.BaseConv(D, kernel_size=3, expand=4, **kw)),
     ("qlstm", lambda **kw: layers.QLSTM(D, num_heads=4, **kw)),
     ("mamba2", lambda **kw: layers.Mamba2(
         D, d_state=8, head_dim=8, n_groups=2, chunk_size=8, **kw)),

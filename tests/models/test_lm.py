@@ -30,6 +30,18 @@ CONFIGS = {
 }
 
 
+def _based_small():
+  """The BASED preset's period at test size: conv, linear attention, window, conv, conv."""
+  config = models.presets.get("based_cpu_small", vocab_size=VOCAB).to_dict()
+  for spec in config["layout"]:
+    if spec["mixer"] == "sliding_window":
+      spec["window"] = 5
+  return models.ModelConfig.from_dict({**config, "d_model": 32, "mlp_hidden_dim": 64})
+
+
+CONFIGS["based"] = _based_small()
+
+
 def _tokens(seed, batch=BATCH, time=TIME):
   return jax.random.randint(jax.random.key(seed), (batch, time), 0, VOCAB)
 
@@ -193,3 +205,22 @@ def test_languini_gpt_sizes_have_12_L_D_squared_block_parameters(size):
   blocks = sum(int(np.prod(x.shape)) for x in
                jax.tree_util.tree_leaves(nn.meta.unbox(variables)["params"]["layers"]))
   assert abs(blocks / (12 * layers_ * width ** 2) - 1) < 0.01
+
+
+def test_state_bytes_counts_the_carried_state():
+  qlstm = models.presets.get("qlstm_small")           # 12 layers, 12 heads × 64 cells
+  assert models.state_bytes(qlstm) == 12 * 12 * 64 * 4 + 4
+  gpt = models.presets.get("gpt_mini", max_len=128)    # 4 layers, 8 heads × 64
+  per_layer = 2 * 128 * 8 * 64 * 4 + 2 * 128 * 4 + 4   # k, v; slot positions and ids; index
+  assert models.state_bytes(gpt) == 4 * per_layer + 4
+  assert models.state_bytes(gpt, batch_size=3) == 3 * 4 * (per_layer - 4) + 4 * 4 + 3 * 4
+
+
+def test_based_360m_follows_the_paper_layout():
+  config = models.presets.get("based_360m")
+  names = [spec.name for spec in config.layout]
+  assert len(names) == config.num_layers == 27 and config.d_model == 1024
+  assert [i for i, n in enumerate(names) if n == "based"] == [1, 6, 11, 16, 21]
+  assert [i for i, n in enumerate(names) if n == "sliding_window"] == [2, 7, 12, 17, 22]
+  assert names.count("base_conv") == 17
+  assert config.mlp == "swiglu" and config.hidden_dim == 2048 and config.norm == "rmsnorm"
