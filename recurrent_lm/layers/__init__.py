@@ -16,7 +16,10 @@ from recurrent_lm.layers.attention import Attention
 from recurrent_lm.layers.base_conv import BaseConv
 from recurrent_lm.layers.gla import GatedLinearAttention
 from recurrent_lm.layers.linear_attention import LinearAttention
+from recurrent_lm.layers.mamba import Mamba
 from recurrent_lm.layers.mamba2 import Mamba2
+from recurrent_lm.layers.mlstm import MLSTM
 from recurrent_lm.layers.mlp import GeluMLP, SwiGLU
 from recurrent_lm.layers.norms import GatedRMSNorm, LayerNorm, RMSNorm
 from recurrent_lm.layers.qlstm import QLSTM
+from recurrent_lm.layers.slstm import SLSTM

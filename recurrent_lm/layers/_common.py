@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -55,3 +58,11 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> N
   if divisor < 1 or value % divisor:
     raise ValueError(
         f"{name}={value} is not divisible by {divisor_name}={divisor}; expected a multiple")
+
+
+def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
+  """Mamba's step-size bias: ``softplus⁻¹(Δ)`` for ``Δ`` log-uniform in
+  ``[dt_min, dt_max]``, floored at ``floor``, so ``softplus(bias)`` starts at Δ."""
+  log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
+  dt = jnp.maximum(jnp.exp(log_dt), floor)
+  return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)

@@ -23,8 +23,6 @@ from weight decay.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,18 +31,8 @@ from recurrent_lm import ops
 from recurrent_lm.layers import _common
 from recurrent_lm.layers.norms import GatedRMSNorm
 
-_DT_MIN = 1e-3
-_DT_MAX = 0.1
-_DT_FLOOR = 1e-4
 _A_MIN = 1.0
 _A_MAX = 16.0
-
-
-def _dt_bias_init(key, shape, dtype=jnp.float32):
-  """``softplus⁻¹(Δ)`` for ``Δ`` log-uniform in [_DT_MIN, _DT_MAX], floored."""
-  log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(_DT_MIN), math.log(_DT_MAX))
-  dt = jnp.maximum(jnp.exp(log_dt), _DT_FLOOR)
-  return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
@@ -146,7 +134,7 @@ class Mamba2(nn.Module):
     b = jnp.repeat(b.reshape(batch, time, groups, d_state), heads // groups, axis=2)
     c = jnp.repeat(c.reshape(batch, time, groups, d_state), heads // groups, axis=2)
 
-    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init, ("heads",)),
+    dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_common.dt_bias_init, ("heads",)),
                          (heads,), self.param_dtype)
     a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("heads",)),
                        (heads,), self.param_dtype)

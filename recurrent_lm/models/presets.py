@@ -18,6 +18,8 @@ paper's 360M model: 27 layers of width 1024, 16 heads, linear attention at
 layers 1, 6, 11, 16, 21 and the window at 2, 7, 12, 17, 22 (one period: the
 27 layers do not repeat). ``based_cpu_small`` repeats the period of five
 (conv, linear attention, window, conv, conv) at width 128, window 64.
+``mamba_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
+Mamba (S6) and xLSTM.
 """
 
 from __future__ import annotations
@@ -34,13 +36,30 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
 }
 FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
+# Further architectures at the CPU size (width 128, 4 heads).
+CPU_FAMILIES = ("mamba", "xlstm")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
 
 def names() -> tuple[str, ...]:
   return (tuple(f"{family}_{size}" for family in FAMILIES for size in SIZES)
-          + tuple(f"based_{size}" for size in BASED_SIZES))
+          + tuple(f"based_{size}" for size in BASED_SIZES)
+          + tuple(f"{family}_cpu_small" for family in CPU_FAMILIES))
+
+
+def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
+  """``mamba``: 4 Mamba (S6) layers, no MLP (a Mamba block is the mixer alone).
+  ``xlstm``: xLSTM[3:1] — three mLSTM layers then an sLSTM, SwiGLU MLPs of
+  width 8/3·D and logits soft-capped at 30 as in xLSTM 7B."""
+  if family == "mamba":
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("mamba", (("d_state", 16),)),), mlp="none",
+                       norm="rmsnorm", max_len=max_len)
+  mlstm = MixerSpec("mlstm", (("num_heads", 4),))
+  return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                     layout=(mlstm, mlstm, mlstm, MixerSpec("slstm", (("num_heads", 4),))),
+                     mlp="swiglu", norm="rmsnorm", logit_softcap=30.0, max_len=max_len)
 
 
 def _based(size: str, vocab_size: int, max_len: int) -> ModelConfig:
@@ -63,6 +82,8 @@ def get(name: str, vocab_size: int = VOCAB_SIZE, max_len: int = SEQ_LEN) -> Mode
   family, _, size = name.partition("_")
   if family == "based" and size in BASED_SIZES:
     return _based(size, vocab_size, max_len)
+  if family in CPU_FAMILIES and size == "cpu_small":
+    return _cpu_family(family, vocab_size, max_len)
   if family not in FAMILIES or size not in SIZES:
     raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(names())}")
   num_layers, d_model, num_heads = SIZES[size]

@@ -11,3 +11,5 @@ from recurrent_lm.ops.causal_conv1d import causal_conv1d
 from recurrent_lm.ops.softmax_attention import (
     KVCache, init_kv_cache, softmax_attention, write_kv_cache)
 from recurrent_lm.ops.linear_attention import linear_attention
+from recurrent_lm.ops.selective_scan import selective_scan
+from recurrent_lm.ops.mlstm import mlstm

@@ -39,6 +39,9 @@ CASES = [
         **kw)),
     ("gla", lambda **kw: layers.GatedLinearAttention(D, num_heads=2, chunk_size=8, **kw)),
     ("base_conv", lambda **kw: layers.BaseConv(D, kernel_size=3, expand=4, **kw)),
+    ("mamba", lambda **kw: layers.Mamba(D, d_state=4, **kw)),
+    ("slstm", lambda **kw: layers.SLSTM(D, num_heads=4, **kw)),
+    ("mlstm", lambda **kw: layers.MLSTM(D, num_heads=2, chunk_size=8, **kw)),
     ("qlstm", lambda **kw: layers.QLSTM(D, num_heads=4, **kw)),
     ("mamba2", lambda **kw: layers.Mamba2(
         D, d_state=8, head_dim=8, n_groups=2, chunk_size=8, **kw)),
