@@ -20,6 +20,20 @@ def check_shape(name: str, x, expected: Sequence[object]) -> None:
         f"{name} has shape {shape_str(x.shape)}; expected {shape_str(expected)}")
 
 
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
+  """Checks floating ``q, k [B, T, H, K]`` and ``v [B, T, H, V]``; returns ``(B, T, H, K, V)``."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    check_floating(name, x)
+  if q.ndim != 4:
+    raise ValueError(f"q has shape {shape_str(q.shape)}; expected [B, T, H, K]")
+  batch, time, heads, dk = q.shape
+  check_shape("k", k, (batch, time, heads, dk))
+  if v.ndim != 4 or v.shape[:3] != (batch, time, heads):
+    raise ValueError(f"v has shape {shape_str(v.shape)}; expected "
+                     f"[B, T, H, V] = {shape_str((batch, time, heads, 'V'))}")
+  return batch, time, heads, dk, v.shape[-1]
+
+
 def check_floating(name: str, x) -> None:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{name} has dtype {x.dtype}; expected a floating dtype")

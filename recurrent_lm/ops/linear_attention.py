@@ -429,16 +429,7 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
     ``(o, state)``: ``o [B, T, H, V]`` in q's dtype; the final state as
     ``S`` or ``(S, z)``, float32.
   """
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    _checks.check_floating(name, x)
-  if q.ndim != 4:
-    raise ValueError(f"q has shape {_checks.shape_str(q.shape)}; expected [B, T, H, K]")
-  batch, time, heads, dk = q.shape
-  _checks.check_shape("k", k, (batch, time, heads, dk))
-  if v.ndim != 4 or v.shape[:3] != (batch, time, heads):
-    raise ValueError(f"v has shape {_checks.shape_str(v.shape)}; expected "
-                     f"[B, T, H, V] = {_checks.shape_str((batch, time, heads, 'V'))}")
-  dv = v.shape[-1]
+  batch, time, heads, dk, dv = _checks.check_qkv(q, k, v)
   _check_log_decay(log_decay, batch, time, heads, dk)
   _checks.check_segment_ids(segment_ids, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size)

@@ -265,17 +265,9 @@ def mlstm(q, k, v, input_gate, forget_gate, *, initial_state=None, segment_ids=N
     ``(h, state)``: ``h [B, T, H, V]`` in q's dtype and the final
     ``state = (C, n, m)``, float32.
   """
-  for name, x in (("q", q), ("k", k), ("v", v), ("input_gate", input_gate),
-                  ("forget_gate", forget_gate)):
+  batch, time, heads, dk, dv = _checks.check_qkv(q, k, v)
+  for name, x in (("input_gate", input_gate), ("forget_gate", forget_gate)):
     _checks.check_floating(name, x)
-  if q.ndim != 4:
-    raise ValueError(f"q has shape {_checks.shape_str(q.shape)}; expected [B, T, H, K]")
-  batch, time, heads, dk = q.shape
-  _checks.check_shape("k", k, (batch, time, heads, dk))
-  if v.ndim != 4 or v.shape[:3] != (batch, time, heads):
-    raise ValueError(f"v has shape {_checks.shape_str(v.shape)}; expected "
-                     f"[B, T, H, V] = {_checks.shape_str((batch, time, heads, 'V'))}")
-  dv = v.shape[-1]
   _checks.check_shape("input_gate", input_gate, (batch, time, heads))
   _checks.check_shape("forget_gate", forget_gate, (batch, time, heads))
   _check_initial_state(initial_state, batch, heads, dk, dv)
