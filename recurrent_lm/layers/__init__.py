@@ -21,5 +21,6 @@ from recurrent_lm.layers.mamba2 import Mamba2
 from recurrent_lm.layers.mlstm import MLSTM
 from recurrent_lm.layers.mlp import GeluMLP, SwiGLU
 from recurrent_lm.layers.norms import GatedRMSNorm, LayerNorm, RMSNorm
+from recurrent_lm.layers.prefix_linear_attention import PrefixLinearAttention
 from recurrent_lm.layers.qlstm import QLSTM
 from recurrent_lm.layers.slstm import SLSTM

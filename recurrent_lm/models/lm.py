@@ -194,24 +194,6 @@ class _Period(nn.Module):
     return h, tuple(new_states)
 
 
-def _positions(offset, segment_ids, time: int):
-  """``[B, T]`` position of every token in its document.
-
-  Args:
-    offset: ``[B]`` int32 position of the first token (from the carried state).
-    segment_ids: ``[B, T]`` or None. A new document restarts at 0; position 0
-      of the call continues the carried document (as every mixer does).
-    time: T.
-  """
-  t = jnp.arange(time, dtype=jnp.int32)[None, :]
-  continued = offset[:, None] + t
-  if segment_ids is None:
-    return continued
-  starts = _checks.segment_starts(segment_ids)
-  last_start = jax.lax.cummax(jnp.where(starts, t, -1), axis=1)
-  return jnp.where(last_start >= 0, t - last_start, continued)
-
-
 class LanguageModel(nn.Module):
   """A causal LM over a layout of token mixers (module docstring for the equations)."""
   config: ModelConfig
@@ -259,7 +241,7 @@ class LanguageModel(nn.Module):
     h = jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
 
     offset = jnp.zeros((batch,), jnp.int32) if state is None else state["position"]
-    positions = _positions(offset, segment_ids, time)
+    positions = _checks.document_positions(offset, segment_ids, time)
     if config.positions == "learned":
       pos_table = self.param(
           "position_embedding", nn.with_logical_partitioning(embed_init, (None, "embed")),

@@ -1,9 +1,11 @@
-"""Argument checks shared by the ops: one clear line per bad argument."""
+"""Argument checks shared by the ops (one clear line per bad argument) and
+the document bookkeeping of packed rows."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 
@@ -61,3 +63,20 @@ def segment_starts(segment_ids):
   """
   changed = segment_ids[:, 1:] != segment_ids[:, :-1]
   return jnp.pad(changed, ((0, 0), (1, 0)))
+
+
+def document_positions(offset, segment_ids, time: int):
+  """``[B, T]`` int32 position of every token in its document.
+
+  Args:
+    offset: ``[B]`` int32 position of the first token (from a carried state).
+    segment_ids: ``[B, T]`` or None. A new document restarts at 0; position 0
+      of the call continues the carried document (as every mixer does).
+    time: T.
+  """
+  t = jnp.arange(time, dtype=jnp.int32)[None, :]
+  continued = offset[:, None] + t
+  if segment_ids is None:
+    return continued
+  last_start = jax.lax.cummax(jnp.where(segment_starts(segment_ids), t, -1), axis=1)
+  return jnp.where(last_start >= 0, t - last_start, continued)
