@@ -1,3 +1,4 @@
-"""Evaluation: perplexity (token and per byte) on a split."""
+"""Evaluation: perplexity (token and per byte) on a split; JRT-Prompt and answer scoring."""
 
 from recurrent_lm.evaluation.perplexity import MODES, default_mode, perplexity
+from recurrent_lm.evaluation.prompts import answer_log_likelihood, jrt_prompt

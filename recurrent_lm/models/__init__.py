@@ -6,5 +6,6 @@
 """
 
 from recurrent_lm.models import presets
-from recurrent_lm.models.lm import Block, LanguageModel, MixerSpec, ModelConfig, state_bytes
+from recurrent_lm.models.lm import (Block, LanguageModel, MixerSpec, ModelConfig, prefix_len,
+                                    state_bytes)
 from recurrent_lm.models.registry import get_mixer, mixer_names, register_mixer

@@ -273,6 +273,21 @@ class LanguageModel(nn.Module):
     return logits, {"position": positions[:, -1] + 1, "layers": layer_states}
 
 
+def prefix_len(config: ModelConfig) -> int | None:
+  """The prefix length M of the model's prefix mixers (JRT-RNN), None without one.
+
+  The training objective and evaluation read it to tell the prefix (read
+  twice, trained by masked LM) from the decoder region; all prefix mixers of
+  a model must share one M.
+  """
+  lengths = {dict(spec.kwargs)["prefix_len"] for spec in config.layout
+             if "prefix_len" in dict(spec.kwargs)}
+  if len(lengths) > 1:
+    raise ValueError(f"layout has prefix mixers with prefix_len {sorted(lengths)}; "
+                     "expected one prefix length per model")
+  return lengths.pop() if lengths else None
+
+
 def state_bytes(config: ModelConfig, batch_size: int = 1) -> int:
   """Bytes of the state ``init_state`` carries for ``batch_size`` sequences.
 

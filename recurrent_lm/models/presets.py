@@ -18,6 +18,9 @@ paper's 360M model: 27 layers of width 1024, 16 heads, linear attention at
 layers 1, 6, 11, 16, 21 and the window at 2, 7, 12, 17, 22 (one period: the
 27 layers do not repeat). ``based_cpu_small`` repeats the period of five
 (conv, linear attention, window, conv, conv) at width 128, window 64.
+JRT-RNN (``jrt_cpu_small``, ``jrt_360m``) is the BASED layout with its linear
+attention read as a prefix (``jrt``: encoder projections, non-causal over the
+first M = max_len / 2 tokens, the paper's 1024 of 2048).
 ``mamba_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
 Mamba (S6) and xLSTM.
 """
@@ -44,7 +47,7 @@ VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
 def names() -> tuple[str, ...]:
   return (tuple(f"{family}_{size}" for family in FAMILIES for size in SIZES)
-          + tuple(f"based_{size}" for size in BASED_SIZES)
+          + tuple(f"{family}_{size}" for family in ("based", "jrt") for size in BASED_SIZES)
           + tuple(f"{family}_cpu_small" for family in CPU_FAMILIES))
 
 
@@ -62,10 +65,13 @@ def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
                      mlp="swiglu", norm="rmsnorm", logit_softcap=30.0, max_len=max_len)
 
 
-def _based(size: str, vocab_size: int, max_len: int) -> ModelConfig:
+def _based(size: str, vocab_size: int, max_len: int, prefix: bool = False) -> ModelConfig:
+  """BASED's layout; with ``prefix`` JRT-RNN's (prefix linear attention)."""
   d_model, heads, window, num_layers = (128, 4, 64, 5) if size == "cpu_small" else (1024, 16, 256, 27)
   conv = MixerSpec("base_conv", (("expand", 4), ("kernel_size", 3)))
-  linear = MixerSpec("based", (("feature_dim", 16), ("num_heads", heads)))
+  linear = (MixerSpec("jrt", (("feature_dim", 16), ("num_heads", heads),
+                              ("prefix_len", max(max_len // 2, 1))))
+            if prefix else MixerSpec("based", (("feature_dim", 16), ("num_heads", heads))))
   sliding = MixerSpec("sliding_window", (("num_heads", heads), ("rope_theta", 10_000.0),
                                          ("window", window)))
   period = [conv, linear, sliding, conv, conv]
@@ -80,8 +86,8 @@ def _based(size: str, vocab_size: int, max_len: int) -> ModelConfig:
 def get(name: str, vocab_size: int = VOCAB_SIZE, max_len: int = SEQ_LEN) -> ModelConfig:
   """The preset ``name`` (see :func:`names`) for ``vocab_size`` tokens."""
   family, _, size = name.partition("_")
-  if family == "based" and size in BASED_SIZES:
-    return _based(size, vocab_size, max_len)
+  if family in ("based", "jrt") and size in BASED_SIZES:
+    return _based(size, vocab_size, max_len, prefix=family == "jrt")
   if family in CPU_FAMILIES and size == "cpu_small":
     return _cpu_family(family, vocab_size, max_len)
   if family not in FAMILIES or size not in SIZES:

@@ -114,6 +114,9 @@ def check_config(config) -> None:
                      f"{config.train.time_budget_s}; expected non-negative values")
   if config.train.steps == 0 and config.train.time_budget_s == 0:
     raise ValueError("train.steps=0 and train.time_budget_s=0; expected one of them set")
+  if not 0 <= config.train.mlm_weight or not 0 < config.train.mlm_prob < 1:
+    raise ValueError(f"train.mlm_weight={config.train.mlm_weight}, train.mlm_prob="
+                     f"{config.train.mlm_prob}; expected mlm_weight >= 0 and 0 < mlm_prob < 1")
   if config.data.batch_size % config.train.accum_steps:
     raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                      f"train.accum_steps={config.train.accum_steps}")
@@ -264,9 +267,10 @@ class _Logger:
     elapsed, self._time = now - self._time, now
     nll = sum(m["nll_sum"] for _, m in rows)
     tokens = sum(m["tokens"] for _, m in rows)
+    tokens_read = sum(m["input_tokens"] for _, m in rows)
     num_bytes = sum(m.get("bytes", 0.0) for _, m in rows)
     step, last = rows[-1]
-    tokens_per_s = tokens / max(elapsed, 1e-9)
+    tokens_per_s = tokens_read / max(elapsed, 1e-9)
     self.tokens_per_s.append(tokens_per_s)
     record = {
         "step": step, "loss": nll / tokens, "perplexity": math.exp(min(nll / tokens, 700)),
@@ -274,6 +278,9 @@ class _Logger:
         "mfu": self._flops_per_token * tokens_per_s / self._peak,
         "grad_norm": last["grad_norm"], "learning_rate": learning_rate,
     }
+    if "mlm_nll_sum" in last:
+      record["mlm_loss"] = (sum(m["mlm_nll_sum"] for _, m in rows)
+                            / max(sum(m["mlm_tokens"] for _, m in rows), 1.0))
     if num_bytes:
       record["bits_per_byte"] = nll / num_bytes / math.log(2)
       record["byte_perplexity"] = math.exp(nll / num_bytes)
@@ -314,7 +321,8 @@ def _build(config, model, mesh, steps: int, byte_lengths=None):
   step_fn = jax.jit(
       step_lib.make_train_step(
           model, optimizer, accum_steps=config.train.accum_steps,
-          byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths)),
+          byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths),
+          mlm_weight=config.train.mlm_weight, mlm_prob=config.train.mlm_prob),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   return optimizer, init_fn, step_fn, state_sharding

@@ -12,7 +12,7 @@ import pytest
 
 from tests.training.conftest import ENV, REPO
 
-FAMILIES = ["qlstm", "gpt", "based", "mamba", "xlstm"]
+FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm"]
 
 
 @pytest.mark.slow

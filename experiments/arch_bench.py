@@ -1,0 +1,85 @@
+r"""Training throughput and state size of every architecture at one length.
+
+    python -m experiments.arch_bench --seq_len=2048 --presets=gpt,qlstm,based,jrt
+
+For each ``<family>_cpu_small`` preset: the full train step (forward,
+backward, AdamW update) on ``batch_size × seq_len`` random tokens, timed
+after ``--warmup`` steps as the median of ``--repeats``; printed as tokens/s
+with the model FLOPs utilisation against this machine's measured matmul
+throughput, beside the parameter count and the bytes of recurrent state per
+sequence (``models.state_bytes``; KV caches at their capacity).
+"""
+
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import _cli
+from recurrent_lm import models
+from recurrent_lm.training import step as step_lib
+from recurrent_lm.training import throughput
+
+_PRESETS = flags.DEFINE_list(
+    "presets", ["gpt", "qlstm", "based", "jrt", "mamba", "xlstm"],
+    "Families of <family>_cpu_small presets.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per row.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Rows per step.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps; the median is printed.")
+
+
+def step_seconds(config: models.ModelConfig, batch_size: int, seq_len: int, warmup: int,
+                 repeats: int) -> tuple[float, float, int]:
+  """``(median seconds per train step, FLOPs per token, parameter count)``."""
+  model = models.LanguageModel(config)
+  optimizer = optax.adamw(1e-3)
+  state = nn.meta.unbox(step_lib.init_state(model, optimizer, (1, 1), seed=0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, config.vocab_size, (batch_size, seq_len + 1), np.int32)
+  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+           "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
+  step = jax.jit(step_lib.make_train_step(model, optimizer), donate_argnums=(0,))
+  for _ in range(1 + warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
+  return (statistics.median(times), throughput.flops_per_token(config, state.params, seq_len),
+          params)
+
+
+def main(argv):
+  del argv
+  _cli.quiet_logs()
+  peak = throughput.matmul_peak_flops()
+  tokens = _BATCH.value * _SEQ_LEN.value
+  print(f"train step on {_BATCH.value} x {_SEQ_LEN.value} tokens, median of {_REPEATS.value} "
+        f"after {_WARMUP.value} warm-up; matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"({jax.devices()[0].device_kind})")
+  print(f"{'preset':<18} {'params':>10} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} "
+        f"{'state bytes':>12}")
+  for family in _PRESETS.value:
+    name = f"{family}_cpu_small"
+    config = models.presets.get(name, vocab_size=_VOCAB.value, max_len=_SEQ_LEN.value)
+    seconds, flops, params = step_seconds(config, _BATCH.value, _SEQ_LEN.value,
+                                          _WARMUP.value, _REPEATS.value)
+    print(f"{name:<18} {params:>10,} {seconds:>7.2f} {tokens / seconds:>9,.0f} "
+          f"{100 * flops * tokens / seconds / peak:>5.1f}% "
+          f"{models.state_bytes(config):>12,}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
