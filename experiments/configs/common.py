@@ -5,8 +5,10 @@ A run config has five sections::
     model      the ModelConfig fields (layout = list of {"mixer": name, ...})
     data       corpus, data_dir, vocab_size, seq_len, batch_size (global), seed
     train      steps | time_budget_s, log/checkpoint cadence, accum_steps, seed,
-               mlm_weight/mlm_prob (JRT's masked-LM loss; models with a prefix only)
-    optimizer  AdamW + warm-up/cosine (Languini: Adam(0.9, 0.95), 6e-4 → 6e-6, 200 warm-up)
+               mlm_weight/mlm_prob (JRT's masked-LM loss; models with a prefix only),
+               init_from (a run whose parameters start this one, by path)
+    optimizer  AdamW + warm-up/cosine (Languini: Adam(0.9, 0.95), 6e-4 → 6e-6, 200 warm-up),
+               trainable (a regex of the parameters trained; empty for all)
     mesh       data, fsdp, tensor, sequence axis sizes (-1: the devices left)
     eval       split, mode, stride, batch_size, max_tokens (0: the whole split)
 
@@ -37,9 +39,9 @@ def run_config(preset: str, *, vocab_size: int = presets.VOCAB_SIZE,
                      batch_size=batch_size, seed=0)
   config.train = dict(steps=0, time_budget_s=0.0, log_every=10, checkpoint_every=200,
                       keep_checkpoints=3, accum_steps=1, seed=0,
-                      mlm_weight=0.25, mlm_prob=0.15)
+                      mlm_weight=0.25, mlm_prob=0.15, init_from="")
   config.optimizer = dict(peak_lr=6e-4, end_lr=6e-6, warmup_steps=200, b1=0.9, b2=0.95,
-                          eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
+                          eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, trainable="")
   config.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   config.eval = dict(split="test", mode="auto", stride=128, batch_size=8, max_tokens=0)
   return config

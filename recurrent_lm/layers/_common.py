@@ -66,3 +66,85 @@ def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1
   log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
   dt = jnp.maximum(jnp.exp(log_dt), floor)
   return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+# PyTorch's kaiming_uniform(a=√5), the default of nn.Linear and of peft's LoRA A:
+# uniform in ±1/√fan_in, i.e. variance 1/(3·fan_in).
+lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class LoRA(nn.Module):
+  """The low-rank delta of a projection (LoRA, Hu et al. 2021)::
+
+      Δ(x) = (x A) B · alpha / rank,    A [*in, rank],  B [rank, *out]
+
+  ``A`` starts random (:data:`lora_a_init`) and ``B`` at zero, so ``Δ = 0``
+  at initialisation: the adapted projection equals the frozen one exactly,
+  and at first only ``B`` receives a gradient.
+
+  Attributes:
+    features: the output dims of the adapted projection, e.g. ``(heads, head_dim)``.
+    axes: logical names of the adapted kernel's axes (contracted input axes,
+      then output axes), as for :func:`dense`; ``A`` is named
+      ``(*in, None)`` and ``B`` ``(None, *out)``.
+    rank: r ≥ 1.
+    alpha: the delta is scaled by ``alpha / rank`` (peft's default alpha is 8).
+    axis: the input axes contracted, as for :func:`dense`.
+    dtype: compute dtype.
+    param_dtype: dtype of ``A`` and ``B``.
+  """
+  features: Sequence[int]
+  axes: Sequence[str | None]
+  rank: int
+  alpha: float = 8.0
+  axis: int | Sequence[int] = -1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"LoRA rank={self.rank!r}; expected a positive int")
+    features = tuple(self.features)
+    axes = tuple(self.axes)
+    in_axes, out_axes = axes[:-len(features)], axes[-len(features):]
+    proj = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.rank, in_axes + (None,), axis=self.axis, name="a",
+              kernel_init=lora_a_init, **proj)(x)
+    delta = dense(features, (None,) + out_axes, name="b",
+                  kernel_init=nn.initializers.zeros, **proj)(h)
+    return delta * jnp.asarray(self.alpha / self.rank, delta.dtype)
+
+
+def lora_dense(features: int | Sequence[int], axes: Sequence[str | None], *,
+               name: str, lora_rank: int = 0, lora_alpha: float = 8.0, dtype,
+               param_dtype, axis: int | Sequence[int] = -1, use_bias: bool = False,
+               kernel_init=nn.initializers.lecun_normal()):
+  """:func:`dense` plus, when ``lora_rank > 0``, a :class:`LoRA` delta.
+
+  Call inside a compact method; returns a function ``x ↦ y``. The base
+  projection's parameters are exactly those of :func:`dense` (scope ``name``),
+  so pretrained weights load unchanged; the delta lives in the sibling scope
+  ``f"{name}_lora"`` (``a/kernel``, ``b/kernel``), which a training mask
+  selects with the regex ``lora``.
+  """
+  base = dense(features, axes, name=name, dtype=dtype, param_dtype=param_dtype, axis=axis,
+               use_bias=use_bias, kernel_init=kernel_init)
+  if lora_rank == 0:
+    return base
+  features = (features,) if isinstance(features, int) else tuple(features)
+  lora = LoRA(features, tuple(axes), lora_rank, lora_alpha, axis=axis, dtype=dtype,
+              param_dtype=param_dtype, name=f"{name}_lora")
+  return lambda x: base(x) + lora(x)
+
+
+def rotate(x, positions, theta: float):
+  """Rotary embedding of ``x`` ``[B, T, H, d]`` at ``positions`` ``[T]`` (float32 angles)."""
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq        # [T, d/2]
+  cos = jnp.cos(angle)[None, :, None, :]
+  sin = jnp.sin(angle)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)

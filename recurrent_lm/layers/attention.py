@@ -27,18 +27,6 @@ from recurrent_lm import ops
 from recurrent_lm.layers import _common
 
 
-def _rotate(x, positions, theta: float):
-  """Rotary embedding of ``x`` ``[B, T, H, d]`` at ``positions`` ``[T]`` (float32 angles)."""
-  half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[:, None] * inv_freq        # [T, d/2]
-  cos = jnp.cos(angle)[None, :, None, :]
-  sin = jnp.sin(angle)[None, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
-
-
 class Attention(nn.Module):
   """Multi-head (grouped-query) causal softmax attention.
 
@@ -122,8 +110,8 @@ class Attention(nn.Module):
     if self.rope_theta is not None:
       start = 0 if state is None else state.index
       positions = start + jnp.arange(x.shape[1])
-      q = _rotate(q, positions, self.rope_theta)
-      k = _rotate(k, positions, self.rope_theta)
+      q = _common.rotate(q, positions, self.rope_theta)
+      k = _common.rotate(k, positions, self.rope_theta)
     if state is None:
       # Without a cache to read, the op takes its fast path; the cache is
       # filled afterwards for whoever continues the sequence.

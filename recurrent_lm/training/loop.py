@@ -125,8 +125,19 @@ def check_config(config) -> None:
                      f"{model.max_len}, the rows of the learned position table")
   # Dimension errors of the mixers (heads not dividing the width, …) surface
   # when the model is traced; do it now, before the work directory is touched.
-  jax.eval_shape(models.LanguageModel(model).init, jax.random.PRNGKey(0),
-                 jnp.zeros((1, 1), jnp.int32))
+  params = jax.eval_shape(models.LanguageModel(model).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 1), jnp.int32))["params"]
+  if config.optimizer.trainable:
+    optimizer_lib.make_optimizer(config.optimizer, 1)   # a bad pattern is one clear line
+    labels = jax.tree_util.tree_leaves(
+        optimizer_lib.trainable_labels(config.optimizer.trainable)(nn.meta.unbox(params)))
+    if "train" not in labels:
+      raise ValueError(f"optimizer.trainable={config.optimizer.trainable!r} matches no "
+                       "parameter; expected a pattern of parameter paths, e.g. 'lora'")
+  if config.train.init_from and not os.path.isdir(os.path.join(config.train.init_from,
+                                                               "checkpoints")):
+    raise ValueError(f"train.init_from={config.train.init_from!r} holds no checkpoints; "
+                     "expected the work directory of a training run")
 
 
 def _differences(stored: dict, new: dict) -> list[str]:
@@ -316,7 +327,7 @@ def _build(config, model, mesh, steps: int, byte_lengths=None):
   def init():
     return step_lib.init_state(model, optimizer, (1, 1), config.train.seed)
   boxed = jax.eval_shape(init)
-  state_sharding = sharding.logical_shardings(nn.get_partition_spec(boxed), mesh)
+  state_sharding = sharding.boxed_shardings(boxed, mesh)
   init_fn = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=state_sharding)
   step_fn = jax.jit(
       step_lib.make_train_step(
@@ -353,6 +364,36 @@ def restore_state(workdir: str):
   if state is None:
     raise FileNotFoundError(f"{workdir}/checkpoints holds no readable checkpoint")
   return config, state
+
+
+def _initialise_from(state, source: str, state_sharding):
+  """``state`` with every parameter that ``source``'s newest checkpoint also
+  has (same path, same shape) copied from it; the others keep their fresh
+  values. How a Liger model starts from its Transformer's weights."""
+  _, source_state = restore_state(source)
+  source_params = {optimizer_lib.param_path(path): leaf for path, leaf
+                   in jax.tree_util.tree_flatten_with_path(source_state.params)[0]}
+  copied, fresh = 0, []
+
+  def pick(path, leaf):
+    nonlocal copied
+    name = optimizer_lib.param_path(path)
+    if name not in source_params:
+      fresh.append(name)
+      return leaf
+    if source_params[name].shape != leaf.shape:
+      raise ValueError(f"parameter {name} has shape {list(source_params[name].shape)} in "
+                       f"{source}; expected {list(leaf.shape)}")
+    copied += 1
+    return source_params[name].astype(leaf.dtype)
+  params = jax.tree_util.tree_map_with_path(pick, state.params)
+  if not copied:
+    raise ValueError(f"no parameter of {source} matches the model; expected a run of a "
+                     "model with the same parameter names")
+  print(f"initialised {copied} parameter arrays from {source}; "
+        f"{len(fresh)} fresh: {', '.join(fresh[:6])}{' …' if len(fresh) > 6 else ''}",
+        flush=True)
+  return state.replace(params=jax.device_put(params, state_sharding.params))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -415,6 +456,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state = checkpointer.restore_latest(_abstract(init_fn, state_sharding), train_iter)
   if state is None:
     state = init_fn()
+    if config.train.init_from:
+      state = _initialise_from(state, config.train.init_from, state_sharding)
   start = int(state.step)
   if lead:
     _truncate_metrics(os.path.join(workdir, METRICS_FILE), start)

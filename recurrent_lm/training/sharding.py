@@ -73,6 +73,20 @@ def logical_shardings(logical_specs, mesh: Mesh):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
 
 
+def boxed_shardings(boxed, mesh: Mesh):
+  """``NamedSharding`` for every array of a tree with logical-axis boxes.
+
+  A box around an empty node (optax's ``MaskedNode``: the optimizer state of
+  a frozen parameter) is unwrapped first, so the node stays empty instead of
+  becoming a leaf the unboxed tree does not have.
+  """
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  boxed = jax.tree_util.tree_map(
+      lambda x: x.value if is_box(x) and not jax.tree_util.tree_leaves(x.value) else x,
+      boxed, is_leaf=is_box)
+  return logical_shardings(nn.get_partition_spec(boxed), mesh)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of ``[batch, length]`` arrays: rows over ``data × fsdp``."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), RULES))

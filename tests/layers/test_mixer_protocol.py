@@ -57,6 +57,10 @@ CASES = [
     ("qlstm", lambda **kw: layers.QLSTM(D, num_heads=4, **kw)),
     ("mamba2", lambda **kw: layers.Mamba2(
         D, d_state=8, head_dim=8, n_groups=2, chunk_size=8, **kw)),
+    ("liger_gla", lambda **kw: layers.LigerGLA(D, num_heads=4, num_kv_heads=2, chunk_size=8,
+                                               **kw)),
+    ("liger_attention", lambda **kw: layers.LigerAttention(
+        D, num_heads=4, num_kv_heads=2, window=6, rope_theta=10_000.0, chunk_size=8, **kw)),
     ("jrt", lambda **kw: layers.PrefixLinearAttention(
         D, num_heads=2, prefix_len=PREFIX, feature_dim=4, chunk_size=8, **kw)),
 ]
