@@ -39,8 +39,12 @@ MODES = ("auto", "carry", "window")
 
 
 def default_mode(model_config) -> str:
-  """``window`` when any layer is full attention (bounded by its cache), else ``carry``."""
-  return "window" if any(s.name == "attention" for s in model_config.layout) else "carry"
+  """``window`` when any layer is full attention (bounded by its cache) or
+  positions are learned (bounded by the table: a document longer than
+  ``max_len`` would read past it), else ``carry``."""
+  bounded = (model_config.positions == "learned"
+             or any(s.name == "attention" for s in model_config.layout))
+  return "window" if bounded else "carry"
 
 
 def _segments(tokens: np.ndarray, eod_id: int) -> np.ndarray:

@@ -5,7 +5,7 @@
     logits, state = model.apply(params, tokens, state=None, segment_ids=None)
 """
 
-from recurrent_lm.models import presets
+from recurrent_lm.models import linearize, presets
 from recurrent_lm.models.lm import (Block, LanguageModel, MixerSpec, ModelConfig, prefix_len,
                                     state_bytes)
 from recurrent_lm.models.registry import get_mixer, mixer_names, register_mixer

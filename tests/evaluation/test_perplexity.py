@@ -102,9 +102,11 @@ def test_window_mode_scores_each_target_once_with_its_promised_context(seq_len, 
   assert result["nll"] == pytest.approx(reference, rel=1e-5)
 
 
-def test_auto_mode_picks_window_for_attention_and_carry_otherwise():
+def test_auto_mode_picks_window_for_attention_or_learned_positions_and_carry_otherwise():
   assert evaluation.default_mode(models.presets.get("gpt_cpu_tiny")) == "window"
   assert evaluation.default_mode(models.presets.get("qlstm_cpu_tiny")) == "carry"
+  liger = models.linearize.liger_config(models.presets.get("gpt_cpu_tiny"))
+  assert evaluation.default_mode(liger) == "window"      # recurrent, but positions are learned
 
 
 @pytest.mark.parametrize("kwargs, message", [
