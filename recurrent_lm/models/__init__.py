@@ -7,5 +7,5 @@
 
 from recurrent_lm.models import linearize, presets
 from recurrent_lm.models.lm import (Block, LanguageModel, MixerSpec, ModelConfig, prefix_len,
-                                    state_bytes)
+                                    state_bytes, with_mixer_options)
 from recurrent_lm.models.registry import get_mixer, mixer_names, register_mixer

@@ -273,6 +273,24 @@ class LanguageModel(nn.Module):
     return logits, {"position": positions[:, -1] + 1, "layers": layer_states}
 
 
+def with_mixer_options(config: ModelConfig, mixer: str, **options) -> ModelConfig:
+  """``config`` with ``options`` set on every layout slot of ``mixer``.
+
+  For switches that change a mixer's function but not its parameters, e.g.
+  Mamba-2's state-collapse mitigations at inference::
+
+      config = with_mixer_options(config, "mamba2", state_window=1024)
+      model = LanguageModel(config)          # the trained params apply unchanged
+  """
+  if not any(spec.name == mixer for spec in config.layout):
+    raise ValueError(f"the layout has no {mixer!r} slot; its mixers are "
+                     f"{sorted({spec.name for spec in config.layout})}")
+  layout = tuple(
+      MixerSpec(spec.name, tuple(sorted({**dict(spec.kwargs), **options}.items())))
+      if spec.name == mixer else spec for spec in config.layout)
+  return dataclasses.replace(config, layout=layout)
+
+
 def prefix_len(config: ModelConfig) -> int | None:
   """The prefix length M of the model's prefix mixers (JRT-RNN), None without one.
 

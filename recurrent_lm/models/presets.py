@@ -24,7 +24,7 @@ first M = max_len / 2 tokens, the paper's 1024 of 2048).
 ``liger_cpu_small`` is ``gpt_cpu_small`` linearised (Liger Attention:
 ½ window of 64 + ½ gated linear attention on the same q/k/v), as
 :mod:`~recurrent_lm.models.linearize` builds from a trained GPT, here to
-train from scratch. ``mamba_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
+train from scratch. ``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
 Mamba (S6) and xLSTM.
 """
 
@@ -44,7 +44,7 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
 FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
 # Further architectures at the CPU size (width 128, 4 heads).
-CPU_FAMILIES = ("mamba", "xlstm", "liger")
+CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
@@ -56,11 +56,16 @@ def names() -> tuple[str, ...]:
 
 
 def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
-  """``mamba``: 4 Mamba (S6) layers, no MLP (a Mamba block is the mixer alone).
+  """``mamba``/``mamba2``: 4 Mamba (S6) / Mamba-2 layers, no MLP (a Mamba block
+  is the mixer alone).
   ``xlstm``: xLSTM[3:1] — three mLSTM layers then an sLSTM, SwiGLU MLPs of
   width 8/3·D and logits soft-capped at 30 as in xLSTM 7B."""
   if family == "liger":
     return linearize.liger_config(get("gpt_cpu_small", vocab_size, max_len), lora_rank=0)
+  if family == "mamba2":
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("mamba2", (("d_state", 64), ("head_dim", 32))),),
+                       mlp="none", norm="rmsnorm", max_len=max_len)
   if family == "mamba":
     return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
                        layout=(MixerSpec("mamba", (("d_state", 16),)),), mlp="none",

@@ -12,7 +12,7 @@ import pytest
 
 from tests.training.conftest import ENV, REPO
 
-FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger"]
+FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger", "mamba2"]
 
 
 @pytest.mark.slow

@@ -224,3 +224,17 @@ def test_based_360m_follows_the_paper_layout():
   assert [i for i, n in enumerate(names) if n == "sliding_window"] == [2, 7, 12, 17, 22]
   assert names.count("base_conv") == 17
   assert config.mlp == "swiglu" and config.hidden_dim == 2048 and config.norm == "rmsnorm"
+
+
+def test_mixer_options_switch_mamba2_state_collapse_mitigations_on_the_same_params():
+  config = models.presets.get("mamba2_cpu_small", vocab_size=VOCAB)
+  config = models.ModelConfig.from_dict({**config.to_dict(), "d_model": 32, "num_layers": 2})
+  tokens = _tokens(3, time=12)
+  params = nn.meta.unbox(models.LanguageModel(config).init(jax.random.key(0), tokens))
+  plain, _ = models.LanguageModel(config).apply(params, tokens)
+  logits = {r: models.LanguageModel(models.with_mixer_options(config, "mamba2", state_window=r))
+            .apply(params, tokens)[0] for r in (3, 12)}
+  assert_close(logits[12], plain, 1e-5, "a window as long as the sequence")
+  assert float(jnp.max(jnp.abs(logits[3] - plain))) > 1e-3
+  with pytest.raises(ValueError, match=r"the layout has no 'gla' slot; its mixers are \['mamba2'\]"):
+    models.with_mixer_options(config, "gla", state_window=3)
