@@ -27,7 +27,7 @@ from recurrent_lm.training import step as step_lib
 from recurrent_lm.training import throughput
 
 _PRESETS = flags.DEFINE_list(
-    "presets", ["gpt", "qlstm", "based", "jrt", "liger", "mamba", "mamba2", "xlstm"],
+    "presets", ["gpt", "qlstm", "based", "jrt", "liger", "h3", "mamba", "mamba2", "xlstm"],
     "Families of <family>_cpu_small presets.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per row.")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Rows per step.")

@@ -15,6 +15,7 @@ row. Every mixer takes its model width ``d_model`` as its first field, so
 from recurrent_lm.layers.attention import Attention
 from recurrent_lm.layers.base_conv import BaseConv
 from recurrent_lm.layers.gla import GatedLinearAttention
+from recurrent_lm.layers.h3 import H3
 from recurrent_lm.layers.liger import LigerAttention, LigerGLA
 from recurrent_lm.layers.linear_attention import LinearAttention
 from recurrent_lm.layers.mamba import Mamba

@@ -24,7 +24,9 @@ first M = max_len / 2 tokens, the paper's 1024 of 2048).
 ``liger_cpu_small`` is ``gpt_cpu_small`` linearised (Liger Attention:
 ½ window of 64 + ½ gated linear attention on the same q/k/v), as
 :mod:`~recurrent_lm.models.linearize` builds from a trained GPT, here to
-train from scratch. ``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
+train from scratch. ``h3_cpu_small`` is H3's hybrid at CPU size: H3 layers
+(d_state 64, heads of width 1 as in the reference) with softmax attention at
+the second layer, GELU MLPs and LayerNorm as in the H3 LMs. ``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
 Mamba (S6) and xLSTM.
 """
 
@@ -44,7 +46,7 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
 FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
 # Further architectures at the CPU size (width 128, 4 heads).
-CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger")
+CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger", "h3")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
@@ -62,6 +64,12 @@ def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
   width 8/3·D and logits soft-capped at 30 as in xLSTM 7B."""
   if family == "liger":
     return linearize.liger_config(get("gpt_cpu_small", vocab_size, max_len), lora_rank=0)
+  if family == "h3":
+    h3 = MixerSpec("h3", (("d_state", 64),))
+    attention = MixerSpec("attention", (("max_len", max_len), ("num_heads", 4)))
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(h3, attention, h3, h3), mlp="gelu", norm="layernorm",
+                       positions="none", max_len=max_len)
   if family == "mamba2":
     return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
                        layout=(MixerSpec("mamba2", (("d_state", 64), ("head_dim", 32))),),

@@ -12,7 +12,7 @@ import pytest
 
 from tests.training.conftest import ENV, REPO
 
-FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger", "mamba2"]
+FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger", "mamba2", "h3"]
 
 
 @pytest.mark.slow

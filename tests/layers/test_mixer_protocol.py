@@ -61,6 +61,7 @@ CASES = [
                                                **kw)),
     ("liger_attention", lambda **kw: layers.LigerAttention(
         D, num_heads=4, num_kv_heads=2, window=6, rope_theta=10_000.0, chunk_size=8, **kw)),
+    ("h3", lambda **kw: layers.H3(D, num_heads=4, d_state=8, chunk_size=8, **kw)),
     ("jrt", lambda **kw: layers.PrefixLinearAttention(
         D, num_heads=2, prefix_len=PREFIX, feature_dim=4, chunk_size=8, **kw)),
 ]
