@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow bench demo clean
+.PHONY: test test-slow bench arch-bench demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.op_bench
+
+# Train tokens/s at T=2048 and state bytes of every CPU preset (BUILD.md's table).
+arch-bench: $(STAMP)
+	$(PY) -m experiments.arch_bench --seq_len=2048
 
 # BUDGET: training seconds per model (the demo trains two, then evaluates both).
 BUDGET ?= 180

@@ -333,7 +333,9 @@ def _build(config, model, mesh, steps: int, byte_lengths=None):
       step_lib.make_train_step(
           model, optimizer, accum_steps=config.train.accum_steps,
           byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths),
-          mlm_weight=config.train.mlm_weight, mlm_prob=config.train.mlm_prob),
+          # .get: runs stored before JRT's objective existed restore too.
+          mlm_weight=config.train.get("mlm_weight", 0.25),
+          mlm_prob=config.train.get("mlm_prob", 0.15)),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   return optimizer, init_fn, step_fn, state_sharding

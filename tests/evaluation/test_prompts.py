@@ -43,10 +43,11 @@ def test_answer_log_likelihood_equals_decoding_the_answer_token_by_token(preset)
   params = nn.meta.unbox(model.init(jax.random.key(0), prompt[None, :2]))["params"]
   score = evaluation.answer_log_likelihood(model, params, prompt, answer)
 
-  logits, state = model.apply({"params": params}, prompt[None])
+  apply = jax.jit(model.apply)
+  logits, state = apply({"params": params}, prompt[None])
   expected = 0.0
   for token in answer:
     expected += float(jax.nn.log_softmax(logits[0, -1])[token])
-    logits, state = model.apply({"params": params}, np.array([[token]]), state)
+    logits, state = apply({"params": params}, np.array([[token]]), state)
   assert score == pytest.approx(expected, rel=1e-5)
   assert score < 0
