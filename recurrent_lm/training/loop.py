@@ -65,6 +65,10 @@ SUMMARY_FILE = "summary.json"
 # checkpoints, where the (identical) data cache lives, how it is evaluated.
 _RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "data.data_dir", "eval")
+# Fields added after runs were stored; a stored run without one ran as if it
+# had this value, so resuming it with that value is no change.
+_ADDED_FIELDS = {"train.mlm_weight": 0.25, "train.mlm_prob": 0.15, "train.init_from": "",
+                 "optimizer.trainable": ""}
 _TIMED_STEPS = 5
 
 
@@ -148,8 +152,9 @@ def _differences(stored: dict, new: dict) -> list[str]:
       continue
     if name == "train.steps" and new["train"]["time_budget_s"] > 0 and new["train"]["steps"] == 0:
       continue   # resolved from the budget when the run started
-    if flat_stored.get(name, "<absent>") != flat_new.get(name, "<absent>"):
-      diffs.append(f"{name}: {flat_stored.get(name, '<absent>')!r} -> "
+    stored_value = flat_stored.get(name, _ADDED_FIELDS.get(name, "<absent>"))
+    if stored_value != flat_new.get(name, "<absent>"):
+      diffs.append(f"{name}: {stored_value!r} -> "
                    f"{flat_new.get(name, '<absent>')!r}")
   return diffs
 
@@ -333,9 +338,9 @@ def _build(config, model, mesh, steps: int, byte_lengths=None):
       step_lib.make_train_step(
           model, optimizer, accum_steps=config.train.accum_steps,
           byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths),
-          # .get: runs stored before JRT's objective existed restore too.
-          mlm_weight=config.train.get("mlm_weight", 0.25),
-          mlm_prob=config.train.get("mlm_prob", 0.15)),
+          # .get: runs stored before these fields existed restore too.
+          mlm_weight=config.train.get("mlm_weight", _ADDED_FIELDS["train.mlm_weight"]),
+          mlm_prob=config.train.get("mlm_prob", _ADDED_FIELDS["train.mlm_prob"])),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   return optimizer, init_fn, step_fn, state_sharding

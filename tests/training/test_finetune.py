@@ -1,11 +1,14 @@
 """Fine-tuning: a run starts from another run's parameters and trains a subset."""
 
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from recurrent_lm import training
+from recurrent_lm.training import loop
 from tests.training.conftest import smoke_config
 from tests.training.test_train import OPTIMIZER, _batch, _model
 
@@ -56,3 +59,14 @@ def test_bad_fine_tuning_fields_are_one_clear_line(corpus, tmp_path, section, fi
   with pytest.raises(ValueError, match=message):
     training.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_run_stored_before_the_fine_tuning_fields_existed_resumes_unchanged(corpus):
+  new = loop._plain(smoke_config(corpus, steps=2))
+  old = json.loads(json.dumps(new))
+  for section, field in (("train", "mlm_weight"), ("train", "mlm_prob"), ("train", "init_from"),
+                         ("optimizer", "trainable")):
+    del old[section][field]
+  assert loop._differences(old, new) == []
+  new["optimizer"]["trainable"] = "lora"
+  assert loop._differences(old, new) == ["optimizer.trainable: '' -> 'lora'"]
