@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	@start=$$(date +%s); \
-	$(PY) -m pytest -n 2 -m "not slow" tests; status=$$?; \
+	$(PY) -m pytest -n 2 -m "not slow" --durations=15 tests; status=$$?; \
 	echo "make test: suite took $$(( $$(date +%s) - start )) s"; exit $$status
 
 # pytest exits 5 when nothing is marked slow yet; that is not a failure.

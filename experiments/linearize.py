@@ -37,10 +37,8 @@ from recurrent_lm import evaluation
 from recurrent_lm import models
 from recurrent_lm import training
 
-_TEACHER = flags.DEFINE_string("teacher", None, "Work directory of a trained Transformer.",
-                               required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "New directory for the Liger run.",
-                               required=True)
+_TEACHER = flags.DEFINE_string("teacher", None, "Work directory of a trained Transformer.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "New directory for the Liger run.")
 _MIXER = flags.DEFINE_enum("mixer", "liger_attention", list(models.linearize.MIXERS),
                            "Liger Attention (0.5 SWA + 0.5 GLA) or the GLA alone.")
 _WINDOW = flags.DEFINE_integer("window", 64, "Sliding window of liger_attention.")
@@ -144,4 +142,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only when run: the tests import this module beside other scripts.
+  flags.mark_flags_as_required(["teacher", "workdir"])
   app.run(main)

@@ -41,12 +41,13 @@ def perturb(params, seed=1, scale=0.1):
   """Adds N(0, scale²) noise to every parameter.
 
   Reference tests use this so that parameters initialised to exactly 0 or 1
-  (biases, norm scales, ``D``) cannot hide a term left out of the layer.
+  (biases, norm scales, ``D``) cannot hide a term left out of the layer. The
+  noise is drawn by numpy: one ``jax.random`` call per parameter shape would
+  compile once per shape.
   """
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + (scale * rng.standard_normal(p.shape)).astype(p.dtype), params)
 
 
 def to_numpy(params):
