@@ -10,9 +10,6 @@ throughput, beside the parameter count and the bytes of recurrent state per
 sequence (``models.state_bytes``; KV caches at their capacity).
 """
 
-import statistics
-import time
-
 from absl import app
 from absl import flags
 import flax.linen as nn
@@ -46,19 +43,10 @@ def step_seconds(config: models.ModelConfig, batch_size: int, seq_len: int, warm
   tokens = rng.integers(3, config.vocab_size, (batch_size, seq_len + 1), np.int32)
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
            "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
-  step = jax.jit(step_lib.make_train_step(model, optimizer), donate_argnums=(0,))
-  for _ in range(1 + warmup):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  step = jax.jit(step_lib.make_train_step(model, optimizer))
+  seconds = throughput.step_seconds(step, state, batch, warmup=1 + warmup, repeats=repeats)
   params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
-  return (statistics.median(times), throughput.flops_per_token(config, state.params, seq_len),
-          params)
+  return seconds, throughput.flops_per_token(config, state.params, seq_len), params
 
 
 def main(argv):

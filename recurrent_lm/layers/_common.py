@@ -60,6 +60,18 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> N
         f"{name}={value} is not divisible by {divisor_name}={divisor}; expected a multiple")
 
 
+def attention_head_dims(d_model: int, num_heads: int, head_dim: int | None,
+                        num_kv_heads: int | None) -> tuple[int, int]:
+  """``(head_dim, num_kv_heads)`` of (grouped-query) attention after defaults:
+  ``d_model // num_heads`` and ``num_heads``; raises unless they divide."""
+  if head_dim is None:
+    check_divisible("d_model", d_model, "num_heads", num_heads)
+    head_dim = d_model // num_heads
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  check_divisible("num_heads", num_heads, "num_kv_heads", num_kv_heads)
+  return head_dim, num_kv_heads
+
+
 def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
   """Mamba's step-size bias: ``softplus⁻¹(Δ)`` for ``Δ`` log-uniform in
   ``[dt_min, dt_max]``, floored at ``floor``, so ``softplus(bias)`` starts at Δ."""

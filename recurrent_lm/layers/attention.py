@@ -58,13 +58,8 @@ class Attention(nn.Module):
 
   def _dims(self) -> tuple[int, int]:
     """``(head_dim, num_kv_heads)`` after defaults, validated."""
-    if self.head_dim is None:
-      _common.check_divisible("d_model", self.d_model, "num_heads", self.num_heads)
-      head_dim = self.d_model // self.num_heads
-    else:
-      head_dim = self.head_dim
-    num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    _common.check_divisible("num_heads", self.num_heads, "num_kv_heads", num_kv_heads)
+    head_dim, num_kv_heads = _common.attention_head_dims(
+        self.d_model, self.num_heads, self.head_dim, self.num_kv_heads)
     if self.rope_theta is not None and head_dim % 2:
       raise ValueError(f"head_dim={head_dim} is odd; rotary embeddings need an even head_dim")
     if self.window is not None and self.window < 1:

@@ -81,13 +81,8 @@ class LigerGLA(nn.Module):
 
   def _dims(self) -> tuple[int, int]:
     """``(head_dim, num_kv_heads)`` after defaults, validated."""
-    if self.head_dim is None:
-      _common.check_divisible("d_model", self.d_model, "num_heads", self.num_heads)
-      head_dim = self.d_model // self.num_heads
-    else:
-      head_dim = self.head_dim
-    num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    _common.check_divisible("num_heads", self.num_heads, "num_kv_heads", num_kv_heads)
+    head_dim, num_kv_heads = _common.attention_head_dims(
+        self.d_model, self.num_heads, self.head_dim, self.num_kv_heads)
     if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
       raise ValueError(f"lora_rank={self.lora_rank!r}; expected an int >= 0 (0: no LoRA)")
     if not self.gate_logit_normalizer > 0:

@@ -69,7 +69,6 @@ _RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every", "train.keep_c
 # had this value, so resuming it with that value is no change.
 _ADDED_FIELDS = {"train.mlm_weight": 0.25, "train.mlm_prob": 0.15, "train.init_from": "",
                  "optimizer.trainable": ""}
-_TIMED_STEPS = 5
 
 
 # ---------------------------------------------------------------------------
@@ -244,19 +243,6 @@ def _random_batch(config, batch_sharding):
            "targets": rng.integers(0, config.data.vocab_size, shape, np.int32),
            "segment_ids": np.ones(shape, np.int32)}
   return _global_batch(batch, batch_sharding, config.data.vocab_size, 0)
-
-
-def _seconds_per_step(step_fn, state, batch) -> float:
-  """Median seconds of the compiled step (after one warm-up) on ``batch``."""
-  state, _ = step_fn(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(_TIMED_STEPS):
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 class _Logger:
@@ -441,7 +427,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   steps = stored["train"]["steps"] if stored else config.train.steps
   if not steps:
     _, init_fn, step_fn, _ = build(1000)   # the schedule does not change the step's cost
-    seconds = _seconds_per_step(step_fn, init_fn(), _random_batch(config, batch_sharding))
+    seconds = throughput.step_seconds(step_fn, init_fn(), _random_batch(config, batch_sharding))
     if jax.process_count() > 1:   # every process must run the same schedule
       seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
     steps = max(1, int(config.train.time_budget_s / seconds))

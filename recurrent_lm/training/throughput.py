@@ -52,3 +52,18 @@ def matmul_peak_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> 
     jax.block_until_ready(matmul(a, b))
     times.append(time.perf_counter() - start)
   return 2.0 * size ** 3 / statistics.median(times)
+
+
+def step_seconds(step_fn, state, batch, *, warmup: int = 1, repeats: int = 5) -> float:
+  """Median seconds of ``state, metrics = step_fn(state, batch)`` after
+  ``warmup`` untimed calls (the first compiles); ``state`` may be donated."""
+  for _ in range(warmup):
+    state, metrics = step_fn(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
