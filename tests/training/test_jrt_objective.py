@@ -19,10 +19,9 @@ PREFIX = 4
 
 def _jrt_config():
   return models.ModelConfig(
-      vocab_size=VOCAB, d_model=32, num_layers=2, mlp="swiglu", norm="rmsnorm",
+      vocab_size=VOCAB, d_model=32, num_layers=1, mlp="none", norm="rmsnorm",
       layout=(models.MixerSpec("jrt", (("feature_dim", 4), ("num_heads", 2),
-                                       ("prefix_len", PREFIX))),
-              models.MixerSpec("base_conv")))
+                                       ("prefix_len", PREFIX))),))
 
 
 def test_prefix_len_is_read_from_the_layout():
