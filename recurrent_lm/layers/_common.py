@@ -72,6 +72,25 @@ def attention_head_dims(d_model: int, num_heads: int, head_dim: int | None,
   return head_dim, num_kv_heads
 
 
+def attention_qkv(x, *, num_heads: int, num_kv_heads: int, head_dim: int, dtype, param_dtype,
+                  use_bias: bool = False, lora_rank: int = 0, lora_alpha: float = 8.0):
+  """The q/k/v projections of (grouped-query) attention, in a compact method.
+
+  ``q`` ``[B, T, H, d]``; ``k``, ``v`` ``[B, T, H_kv, d]``; scopes ``q_proj``,
+  ``k_proj``, ``v_proj`` (plus ``*_lora`` deltas when ``lora_rank > 0``), so
+  every layer built on them loads the same pretrained weights.
+  """
+  proj = dict(dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, lora_rank=lora_rank,
+              lora_alpha=lora_alpha)
+  q = lora_dense((num_heads, head_dim), ("embed", "heads", "head_dim"), name="q_proj",
+                 **proj)(x)
+  k = lora_dense((num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj",
+                 **proj)(x)
+  v = lora_dense((num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj",
+                 **proj)(x)
+  return q, k, v
+
+
 def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
   """Mamba's step-size bias: ``softplus⁻¹(Δ)`` for ``Δ`` log-uniform in
   ``[dt_min, dt_max]``, floored at ``floor``, so ``softplus(bias)`` starts at Δ."""

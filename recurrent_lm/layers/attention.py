@@ -96,12 +96,8 @@ class Attention(nn.Module):
     _common.check_input(x, self.d_model)
     head_dim, num_kv_heads = self._dims()
     proj = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
-    q = _common.dense((self.num_heads, head_dim), ("embed", "heads", "head_dim"),
-                      name="q_proj", **proj)(x)
-    k = _common.dense((num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                      name="k_proj", **proj)(x)
-    v = _common.dense((num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                      name="v_proj", **proj)(x)
+    q, k, v = _common.attention_qkv(x, num_heads=self.num_heads, num_kv_heads=num_kv_heads,
+                                    head_dim=head_dim, **proj)
     if self.rope_theta is not None:
       start = 0 if state is None else state.index
       positions = start + jnp.arange(x.shape[1])

@@ -102,15 +102,10 @@ class LigerGLA(nn.Module):
   def _qkv(self, x):
     """The q/k/v projections (with their LoRA deltas): ``[B, T, H|H_kv, d]``."""
     head_dim, num_kv_heads = self._dims()
-    proj = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
-                lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
-    q = _common.lora_dense((self.num_heads, head_dim), ("embed", "heads", "head_dim"),
-                           name="q_proj", **proj)(x)
-    k = _common.lora_dense((num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                           name="k_proj", **proj)(x)
-    v = _common.lora_dense((num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"),
-                           name="v_proj", **proj)(x)
-    return q, k, v
+    return _common.attention_qkv(
+        x, num_heads=self.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
+        lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
   def _linear_branch(self, q, k, v, state, segment_ids):
     """``o_lin`` ``[B, T, H, d]`` float32 and the new ``S``, from unrotated q, k, v."""

@@ -16,8 +16,11 @@ from tests.layers._util import (
 D = 32
 
 
-def _reference(p, x, m: layers.Mamba2):
-  """Per token: ``h = exp(ΔA) h + Δ x Bᵀ``, ``y = h C + D x``, then the gated norm."""
+def _front(p, x, m: layers.Mamba2):
+  """The block around the SSM, before it: projections, causal conv + SiLU, Δ.
+
+  Returns ``(z, xs [B, T, H, P], B [B, T, G, N], C, Δ [B, T, H], padded conv input)``.
+  """
   batch, time, _ = x.shape
   inner = m.expand * D
   heads, n, groups, width = inner // m.head_dim, m.d_state, m.n_groups, m.conv_width
@@ -30,7 +33,23 @@ def _reference(p, x, m: layers.Mamba2):
   xs = u[..., :inner].reshape(batch, time, heads, m.head_dim)
   b = u[..., inner:inner + groups * n].reshape(batch, time, groups, n)
   c = u[..., inner + groups * n:].reshape(batch, time, groups, n)
-  delta = np.logaddexp(0, dt + p["dt_bias"])
+  return z, xs, b, c, np.logaddexp(0, dt + p["dt_bias"]), padded
+
+
+def _output(p, y, z, m: layers.Mamba2):
+  """After the SSM: ``W_out RMSNorm_G(y ⊙ SiLU(z))``."""
+  batch, time = y.shape[:2]
+  inner = m.expand * D
+  gated = (y.reshape(batch, time, inner) * silu(z)).reshape(batch, time, m.n_groups, -1)
+  normed = gated / np.sqrt(np.mean(gated ** 2, -1, keepdims=True) + m.norm_eps)
+  return (normed.reshape(batch, time, inner) * p["norm"]["scale"]) @ p["out_proj"]["kernel"]
+
+
+def _reference(p, x, m: layers.Mamba2):
+  """Per token: ``h = exp(ΔA) h + Δ x Bᵀ``, ``y = h C + D x``, then the gated norm."""
+  batch, time, _ = x.shape
+  heads, n, groups = m.expand * D // m.head_dim, m.d_state, m.n_groups
+  z, xs, b, c, delta, padded = _front(p, x, m)
   a = -np.exp(p["A_log"])
   h = np.zeros((batch, heads, m.head_dim, n))
   y = np.zeros((batch, time, heads, m.head_dim))
@@ -42,10 +61,8 @@ def _reference(p, x, m: layers.Mamba2):
                     + step * xs[:, t, head, :, None] * b[:, t, g, None, :])
       y[:, t, head] = (np.einsum("bpn,bn->bp", h[:, head], c[:, t, g])
                        + p["D"][head] * xs[:, t, head])
-  gated = (y.reshape(batch, time, inner) * silu(z)).reshape(batch, time, groups, -1)
-  normed = gated / np.sqrt(np.mean(gated ** 2, -1, keepdims=True) + m.norm_eps)
-  out = (normed.reshape(batch, time, inner) * p["norm"]["scale"]) @ p["out_proj"]["kernel"]
-  return out, (padded[:, -(width - 1):], h.transpose(0, 1, 3, 2))
+  out = _output(p, y, z, m)
+  return out, (padded[:, -(m.conv_width - 1):], h.transpose(0, 1, 3, 2))
 
 
 def test_matches_a_per_token_loop_of_the_ssm_equations():
@@ -117,18 +134,9 @@ def _mitigated_reference(p, x, m):
   summed afresh at every t. Returns ``(out, ssm_state [B, H, N, P], (B, Δx, log α))``.
   """
   batch, time, _ = x.shape
-  inner = m.expand * D
-  heads, n, groups, width = inner // m.head_dim, m.d_state, m.n_groups, m.conv_width
-  z = x @ p["z_proj"]["kernel"]
-  xbc = x @ p["xbc_proj"]["kernel"]
-  dt = x @ p["dt_proj"]["kernel"]
-  padded = np.concatenate([np.zeros((batch, width - 1, xbc.shape[-1])), xbc], 1)
-  u = silu(sum(p["conv_weight"][i] * padded[:, i:i + time] for i in range(width))
-           + p["conv_bias"])
-  xs = u[..., :inner].reshape(batch, time, heads, m.head_dim)
-  b = u[..., inner:inner + groups * n].reshape(batch, time, groups, n) * m.b_scale
-  c = u[..., inner + groups * n:].reshape(batch, time, groups, n)
-  delta = np.logaddexp(0, dt + p["dt_bias"]) * m.delta_scale
+  heads, n, groups = m.expand * D // m.head_dim, m.d_state, m.n_groups
+  z, xs, b, c, delta, _ = _front(p, x, m)
+  b, delta = b * m.b_scale, delta * m.delta_scale
   log_alpha = delta * (-np.exp(p["A_log"]) * m.a_scale) + np.log(m.decay_mult)  # [B, T, H]
   v = delta[..., None] * xs
   tau = None if m.state_norm_threshold is None else np.broadcast_to(
@@ -151,9 +159,7 @@ def _mitigated_reference(p, x, m):
             for i in range(max(0, t - m.state_window + 1), t + 1))
       y[:, t, head] = (np.einsum("bpn,bn->bp", h[:, head], c[:, t, g])
                        + p["D"][head] * xs[:, t, head])
-  gated = (y.reshape(batch, time, inner) * silu(z)).reshape(batch, time, groups, -1)
-  normed = gated / np.sqrt(np.mean(gated ** 2, -1, keepdims=True) + m.norm_eps)
-  out = (normed.reshape(batch, time, inner) * p["norm"]["scale"]) @ p["out_proj"]["kernel"]
+  out = _output(p, y, z, m)
   return out, h.transpose(0, 1, 3, 2), (b, v, log_alpha)
 
 
