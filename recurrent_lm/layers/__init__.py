@@ -21,7 +21,9 @@ from recurrent_lm.layers.linear_attention import LinearAttention
 from recurrent_lm.layers.mamba import Mamba
 from recurrent_lm.layers.mamba2 import Mamba2
 from recurrent_lm.layers.mlstm import MLSTM
+from recurrent_lm.layers import moe
 from recurrent_lm.layers.mlp import GeluMLP, SwiGLU
+from recurrent_lm.layers.moe import LinearRouter, MoEMLP, RecurrentRouterStep
 from recurrent_lm.layers.norms import GatedRMSNorm, LayerNorm, RMSNorm
 from recurrent_lm.layers.prefix_linear_attention import PrefixLinearAttention
 from recurrent_lm.layers.qlstm import QLSTM

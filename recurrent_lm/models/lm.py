@@ -37,7 +37,8 @@ from recurrent_lm import layers
 from recurrent_lm.models import registry
 from recurrent_lm.ops import _checks
 
-_MLPS = ("gelu", "swiglu", "none")
+_MLPS = ("gelu", "swiglu", "moe", "none")
+_ROUTERS = ("linear", "recurrent")
 _NORMS = ("layernorm", "rmsnorm")
 _POSITIONS = ("none", "learned")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -79,6 +80,13 @@ class ModelConfig:
       (positions restart at every document); ``none`` leaves order to the mixers.
     max_len: rows of the learned position table; positions past it give NaN
       logits rather than a silently wrong position.
+    num_experts, top_k, router, router_dim, capacity_factor,
+    load_balance_coef: the mixture of experts of ``mlp == "moe"`` (SwiGLU
+      experts of width ``hidden_dim``; ``layers.MoEMLP``): E experts, top-k
+      routing by a per-layer ``linear`` router or RMoE's ``recurrent`` one (a
+      GRU of width ``router_dim`` shared across layers, recurrent over depth),
+      dropless when ``capacity_factor`` is None, and the weight of the
+      load-balance loss (mean over layers) in the training loss.
     tie_embeddings: logits use the transposed token embedding.
     logit_softcap: ``cap · tanh(logits / cap)`` when set.
     remat: recompute each period's activations in the backward pass.
@@ -91,6 +99,12 @@ class ModelConfig:
   layout: tuple[MixerSpec, ...]
   mlp: str = "gelu"
   mlp_hidden_dim: int | None = None
+  num_experts: int = 8
+  top_k: int = 2
+  router: str = "linear"
+  router_dim: int = 256
+  capacity_factor: float | None = None
+  load_balance_coef: float = 1e-3
   norm: str = "layernorm"
   positions: str = "none"
   max_len: int = 512
@@ -115,6 +129,7 @@ class ModelConfig:
       registry.get_mixer(spec.name)   # raises on an unknown name
     for field, value, allowed in (("mlp", self.mlp, _MLPS), ("norm", self.norm, _NORMS),
                                   ("positions", self.positions, _POSITIONS),
+                                  ("router", self.router, _ROUTERS),
                                   ("dtype", self.dtype, _DTYPES),
                                   ("param_dtype", self.param_dtype, _DTYPES)):
       if value not in allowed:
@@ -146,7 +161,7 @@ class ModelConfig:
   def hidden_dim(self) -> int:
     if self.mlp_hidden_dim is not None:
       return self.mlp_hidden_dim
-    if self.mlp == "swiglu":
+    if self.mlp in ("swiglu", "moe"):
       return -(-8 * self.d_model // 3 // 64) * 64
     return 4 * self.d_model
 
@@ -162,22 +177,43 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-  """``h + Mixer(Norm h)`` then ``h + MLP(Norm h)``; ``h`` ``[B, T, D]``."""
+  """``h + Mixer(Norm h)`` then ``h + MLP(Norm h)``; ``h`` ``[B, T, D]``.
+
+  With ``mlp == "moe"`` the MLP is a mixture of experts; its routing
+  statistics are sown into the ``moe_aux`` collection, and RMoE's router
+  state ``router_h`` ``[B, T, R]`` passes from block to block (None otherwise).
+  """
   config: ModelConfig
   spec: MixerSpec
 
   @nn.compact
-  def __call__(self, h, state, segment_ids):
+  def __call__(self, h, state, segment_ids, router_h=None, gru_params=None):
     config = self.config
+    dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
     y, state = config.make_mixer(self.spec, name="mixer")(
         _norm(config, "mixer_norm")(h), state, segment_ids)
     h = h + y.astype(h.dtype)
-    if config.mlp != "none":
+    if config.mlp == "moe":
+      u = _norm(config, "mlp_norm")(h)
+      if config.router == "linear":
+        logits = layers.LinearRouter(config.num_experts, name="router", **dtypes)(u)
+      else:
+        logits, router_h = layers.RecurrentRouterStep(
+            config.num_experts, config.router_dim, param_dtype=dtypes["param_dtype"],
+            name="router")(u, router_h, gru_params)
+      mask = None if segment_ids is None else segment_ids > 0
+      y, aux = layers.MoEMLP(config.d_model, config.hidden_dim, config.num_experts,
+                             config.top_k, config.capacity_factor, name="mlp", **dtypes)(
+                                 u, logits, mask)
+      for name, value in aux.items():   # one value per layer (overwrite, not append)
+        self.sow("moe_aux", name, value, init_fn=lambda: jnp.zeros((), jnp.float32),
+                 reduce_fn=lambda _, new: new)
+      h = h + y.astype(h.dtype)
+    elif config.mlp != "none":
       mlp_cls = layers.GeluMLP if config.mlp == "gelu" else layers.SwiGLU
-      mlp = mlp_cls(config.hidden_dim, dtype=jnp.dtype(config.dtype),
-                    param_dtype=jnp.dtype(config.param_dtype), name="mlp")
+      mlp = mlp_cls(config.hidden_dim, name="mlp", **dtypes)
       h = h + mlp(_norm(config, "mlp_norm")(h)).astype(h.dtype)
-    return h, state
+    return h, state, router_h
 
 
 class _Period(nn.Module):
@@ -185,13 +221,14 @@ class _Period(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, h, states, segment_ids):
+  def __call__(self, carry, states, segment_ids, gru_params):
+    h, router_h = carry
     new_states = []
     for i, spec in enumerate(self.config.layout):
-      h, state = Block(self.config, spec, name=f"block_{i}")(
-          h, None if states is None else states[i], segment_ids)
+      h, state, router_h = Block(self.config, spec, name=f"block_{i}")(
+          h, None if states is None else states[i], segment_ids, router_h, gru_params)
       new_states.append(state)
-    return h, tuple(new_states)
+    return (h, router_h), tuple(new_states)
 
 
 class LanguageModel(nn.Module):
@@ -252,11 +289,18 @@ class LanguageModel(nn.Module):
     period = _Period
     if config.remat:
       period = nn.remat(period, prevent_cse=False)
-    stack = nn.scan(period, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast), length=config.num_periods,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-    h, layer_states = stack(config, name="layers")(
-        h, None if state is None else state["layers"], segment_ids)
+    # RMoE's router GRU is one set of parameters for every layer: owned here,
+    # broadcast into the scan, its state carried next to the residual stream.
+    gru_params, router_h = None, None
+    if config.mlp == "moe" and config.router == "recurrent":
+      gru_params = self.param("router_gru", layers.moe.gru_param_init(
+          config.router_dim, jnp.dtype(config.param_dtype)))
+      router_h = layers.moe.initial_router_state(batch, time, config.router_dim)
+    stack = nn.scan(period, variable_axes={"params": 0, "moe_aux": 0},
+                    split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
+                    length=config.num_periods, metadata_params={nn.PARTITION_NAME: "layers"})
+    (h, _), layer_states = stack(config, name="layers")(
+        (h, router_h), None if state is None else state["layers"], segment_ids, gru_params)
 
     h = _norm(config, "final_norm")(h)
     if config.tie_embeddings:

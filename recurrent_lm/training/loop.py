@@ -283,6 +283,9 @@ class _Logger:
     if "mlm_nll_sum" in last:
       record["mlm_loss"] = (sum(m["mlm_nll_sum"] for _, m in rows)
                             / max(sum(m["mlm_tokens"] for _, m in rows), 1.0))
+    for name in ("load_balance_loss", "dropped_fraction"):   # mixtures of experts
+      if name in last:
+        record[name] = sum(m[name] for _, m in rows) / len(rows)
     if num_bytes:
       record["bits_per_byte"] = nll / num_bytes / math.log(2)
       record["byte_perplexity"] = math.exp(nll / num_bytes)

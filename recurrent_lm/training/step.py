@@ -111,20 +111,41 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, accum_ste
     nll in nats), ``nll_sum`` and ``tokens`` (the next-token sum and count),
     ``input_tokens`` (tokens read), ``bytes`` (when ``byte_lengths``),
     ``grad_norm`` and ``update_norm``; with a prefix also ``mlm_loss``,
-    ``mlm_nll_sum`` and ``mlm_tokens``.
+    ``mlm_nll_sum`` and ``mlm_tokens``; with a mixture of experts also
+    ``load_balance_loss`` and ``dropped_fraction`` (means over layers), the
+    former weighted by ``load_balance_coef`` in the loss.
   """
   if not isinstance(accum_steps, int) or accum_steps < 1:
     raise ValueError(f"accum_steps={accum_steps!r}; expected a positive int")
   has_prefix = models.prefix_len(model.config) is not None
 
+  is_moe = model.config.mlp == "moe"
+
+  def forward(p, micro):
+    """``(logits, moe statistics (means over layers) or {})``."""
+    if not is_moe:
+      logits, _ = model.apply({"params": p}, micro["inputs"], segment_ids=micro["segment_ids"])
+      return logits, {}
+    (logits, _), sown = model.apply({"params": p}, micro["inputs"],
+                                    segment_ids=micro["segment_ids"], mutable=["moe_aux"])
+    stats = {}
+    for name in ("load_balance_loss", "dropped_fraction"):
+      values = [jnp.ravel(v) for path, v in jax.tree_util.tree_flatten_with_path(sown)[0]
+                if getattr(path[-1], "key", None) == name]
+      stats[name] = jnp.mean(jnp.concatenate(values))
+    return logits, stats
+
   def micro_grads(params, micro):
     def loss(p):
-      logits, _ = model.apply({"params": p}, micro["inputs"], segment_ids=micro["segment_ids"])
+      logits, moe = forward(p, micro)
       nll = optax.softmax_cross_entropy_with_integer_labels(logits, micro["targets"])
       counts = {"nll_sum": jnp.sum(nll * micro["next_mask"]),
                 "tokens": jnp.sum(micro["next_mask"]),
                 "input_tokens": jnp.sum(micro["segment_ids"] > 0).astype(jnp.float32)}
       total = jnp.sum(nll * micro["next_weight"])
+      if is_moe:   # micro-batch means, summed over micro-batches: divide by their number
+        counts.update({name: value / accum_steps for name, value in moe.items()})
+        total = total + model.config.load_balance_coef * counts["load_balance_loss"]
       if has_prefix:
         mlm_nll = optax.softmax_cross_entropy_with_integer_labels(logits, micro["originals"])
         counts["mlm_nll_sum"] = jnp.sum(mlm_nll * micro["mlm_mask"])

@@ -238,3 +238,35 @@ def test_mixer_options_switch_mamba2_state_collapse_mitigations_on_the_same_para
   assert float(jnp.max(jnp.abs(logits[3] - plain))) > 1e-3
   with pytest.raises(ValueError, match=r"the layout has no 'gla' slot; its mixers are \['mamba2'\]"):
     models.with_mixer_options(config, "gla", state_window=3)
+
+
+@pytest.mark.parametrize("router", ["linear", "recurrent"])
+def test_a_mixture_of_experts_lm_keeps_the_protocol_and_trains_on_its_balance_loss(router):
+  from recurrent_lm import training
+  config = models.ModelConfig(
+      vocab_size=VOCAB, d_model=32, num_layers=3, mlp="moe", num_experts=4, router=router,
+      router_dim=16, mlp_hidden_dim=32,
+      layout=(models.MixerSpec("qlstm", (("num_heads", 2),)),))
+  model = models.LanguageModel(config)
+  tokens = _tokens(4, time=10)
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens))
+  whole, state = model.apply(params, tokens)
+  first, state_1 = model.apply(params, tokens[:, :6])
+  rest, _ = model.apply(params, tokens[:, 6:], state_1)
+  assert_close(jnp.concatenate([first, rest], 1), whole, 1e-5, "pieces")
+  if router == "recurrent":      # one GRU for all layers; per-layer W1, W2 stacked
+    assert params["params"]["router_gru"]["hn"]["kernel"].shape == (16, 16)
+    assert params["params"]["layers"]["block_0"]["router"]["router_in"]["kernel"].shape == (3, 32, 16)
+
+  optimizer = training.make_optimizer(dict(peak_lr=1e-3, end_lr=1e-5, warmup_steps=1, b1=0.9,
+                                           b2=0.95, eps=1e-8, weight_decay=0.0,
+                                           grad_clip_norm=0.0), 10)
+  train_state = nn.meta.unbox(training.init_state(model, optimizer, (1, 1), seed=0))
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1),
+           "segment_ids": jnp.ones(tokens.shape, jnp.int32)}
+  _, metrics = jax.jit(training.make_train_step(model, optimizer))(train_state, batch)
+  _, sown = model.apply({"params": train_state.params}, tokens, mutable=["moe_aux"])
+  balance = sown["moe_aux"]["layers"]["block_0"]["load_balance_loss"]
+  assert balance.shape == (3,)
+  assert_close(metrics["load_balance_loss"], jnp.mean(balance), 1e-5, "balance loss")
+  assert float(metrics["dropped_fraction"]) == 0.0        # dropless without a capacity
