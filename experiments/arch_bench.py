@@ -36,7 +36,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps; the median is printe
 def step_seconds(config: models.ModelConfig, batch_size: int, seq_len: int, warmup: int,
                  repeats: int) -> tuple[float, float, int]:
   """``(median seconds per train step, FLOPs per token, parameter count)``."""
-  model = models.LanguageModel(config)
+  model = models.build(config)
   optimizer = optax.adamw(1e-3)
   state = nn.meta.unbox(step_lib.init_state(model, optimizer, (1, 1), seed=0))
   rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ def evaluate(workdir: str, split: str | None = None, max_tokens: int | None = No
   if max_tokens < 0:
     raise ValueError(f"max_tokens={max_tokens}; expected >= 0 (0 scores the whole split)")
   model_config = training.model_config(config)
-  model = models.LanguageModel(model_config)
+  model = models.build(model_config)
   prepared = data_lib.prepare_dataset(config.data.data_dir or None, config.data.corpus,
                                       config.data.vocab_size)
   stream = np.concatenate(list(data_lib.token_stream(prepared.shards[split])))

@@ -28,10 +28,13 @@ def run_config(preset: str, *, vocab_size: int = presets.VOCAB_SIZE,
   vocab = config_dict.FieldReference(vocab_size)
   length = config_dict.FieldReference(seq_len)
   model = presets.get(preset, vocab_size=vocab_size, max_len=seq_len).to_dict()
-  model["vocab_size"] = vocab
-  model["max_len"] = length
-  model["logit_softcap"] = config_dict.placeholder(float)
-  model["mlp_hidden_dim"] = config_dict.placeholder(int)
+  # HMT's backbone runs one segment at a time: its own max_len stays.
+  lm = model["backbone"] if "backbone" in model else model
+  lm["vocab_size"] = vocab
+  if lm is model:
+    model["max_len"] = length
+  lm["logit_softcap"] = config_dict.placeholder(float)
+  lm["mlp_hidden_dim"] = config_dict.placeholder(int)
 
   config = config_dict.ConfigDict()
   config.model = model

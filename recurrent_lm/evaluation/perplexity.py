@@ -41,7 +41,10 @@ MODES = ("auto", "carry", "window")
 def default_mode(model_config) -> str:
   """``window`` when any layer is full attention (bounded by its cache) or
   positions are learned (bounded by the table: a document longer than
-  ``max_len`` would read past it), else ``carry``."""
+  ``max_len`` would read past it), else ``carry`` (also for HMT, whose state
+  is bounded whatever its backbone)."""
+  if not hasattr(model_config, "layout"):
+    return "carry"
   bounded = (model_config.positions == "learned"
              or any(s.name == "attention" for s in model_config.layout))
   return "window" if bounded else "carry"

@@ -24,7 +24,9 @@ from recurrent_lm.layers.mlstm import MLSTM
 from recurrent_lm.layers import moe
 from recurrent_lm.layers.mlp import GeluMLP, SwiGLU
 from recurrent_lm.layers.moe import LinearRouter, MoEMLP, RecurrentRouterStep
+from recurrent_lm.layers.ngram import NGramHead
 from recurrent_lm.layers.norms import GatedRMSNorm, LayerNorm, RMSNorm
 from recurrent_lm.layers.prefix_linear_attention import PrefixLinearAttention
 from recurrent_lm.layers.qlstm import QLSTM
 from recurrent_lm.layers.slstm import SLSTM
+from recurrent_lm.layers.titans import NeuralMemory, TitansMAG

@@ -24,18 +24,14 @@ a match giving ``h = 0`` (``nan_to_num`` of 0/0), and one order per layer
 (the DFA hybrids stack 1-, 2- and 3-gram layers after a first regular layer).
 ``orders=(n,)`` is that layer exactly, up to how a match is found.
 
-How the mixer knows the n-gram: a mixer here sees hidden states, not token
-ids, so ``≡`` is *bitwise equality of the input vectors* (cast to ``dtype``,
-or to the cache's dtype when decoding). At the first layer of a model with
-no position embedding the input is ``Norm(E[token])``, a function of the
-token alone, so equal tokens give equal vectors and the head is exactly the
-reference's (across prefill and decode calls this assumes the norm of a row
-is bitwise independent of the call's length, as XLA's row reductions are in
-practice but do not promise); deeper, it matches hidden states that are bitwise equal, which
-contextual layers rarely produce. That is why one mixer takes several
-orders: the reference's stacked 1-, 2-, 3-gram layers, which all read token
-ids, become one first-layer mixer with ``orders=(1, 2, 3)``. Equality has
-no tolerance (``−0.0 ≢ 0.0``; one ulp breaks a match). It is found through a
+How the mixer knows the n-gram: the language model passes its token ids
+(``tokens``) to this mixer, which matches on them at any depth, as the
+reference does; several orders may share one mixer (``orders=(1, 2, 3)``
+stands for the reference's stacked 1-, 2-, 3-gram layers). Called without
+ids (a mixer on its own), ``≡`` is *bitwise equality of the input vectors*
+(cast to ``dtype``): exact for a first layer, whose input ``Norm(E[token])``
+is a function of the token alone, and rarely true deeper. Equality has no
+tolerance (``−0.0 ≢ 0.0``; one ulp breaks a match). It is found through a
 64-bit hash of each vector's bits (two words, each a wrapping uint32 sum of
 murmur3-mixed ``bits_d ⊕ key_d``): integer sums are exact in any order, so
 a vector hashes the same in any call, shape or device; distinct vectors
@@ -45,9 +41,7 @@ not a proven universal hash). ``M`` is piecewise constant in
 reference, whose mask comes from token ids).
 
 The state is a cache of the last ``max_len`` inputs (``NGramCache``: values,
-positions, segment ids, index), like full attention's: the n-gram keys are
-recomputed from the cached values on every call (``O(C·D)`` integer work,
-the order of the ``O(T·C·D)`` average). A call with a state that brings
+match keys, positions, segment ids, index), like full attention's. A call with a state that brings
 the cache past ``max_len`` tokens returns NaN, as does every later call (a
 call without a state reads no cache and takes any T): a history that
 no longer fits is never averaged over silently. Cost: ``O(T·C·(D·K + W·n))``
@@ -56,7 +50,7 @@ per call, like attention.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -74,13 +68,16 @@ class NGramCache(NamedTuple):
   """Past inputs of an n-gram head, in a ring of ``C`` slots (slot ``p mod C``).
 
   Attributes:
-    values: ``[B, C, D]`` inputs ``x_p``; the n-gram keys are their hashes.
+    values: ``[B, C, D]`` inputs ``x_p``.
+    keys: ``[B, C, HASH_WORDS]`` uint32 match keys of the slots: the hashes
+      of the inputs, or the token ids when the model passes them.
     positions: ``[B, C]`` int32 absolute position in each slot; −1 marks an
       empty slot.
     segment_ids: ``[B, C]`` int32 document id in each slot.
     index: ``[]`` int32 number of tokens written (the next position).
   """
   values: jax.Array
+  keys: jax.Array
   positions: jax.Array
   segment_ids: jax.Array
   index: jax.Array
@@ -93,13 +90,14 @@ def init_ngram_cache(batch_size: int, capacity: int, d_model: int,
   _checks.check_positive_int("capacity", capacity)
   _checks.check_positive_int("d_model", d_model)
   return NGramCache(values=jnp.zeros((batch_size, capacity, d_model), dtype),
+                    keys=jnp.zeros((batch_size, capacity, HASH_WORDS), jnp.uint32),
                     positions=jnp.full((batch_size, capacity), -1, jnp.int32),
                     segment_ids=jnp.zeros((batch_size, capacity), jnp.int32),
                     index=jnp.zeros((), jnp.int32))
 
 
-def write_ngram_cache(cache: NGramCache, x, segment_ids) -> NGramCache:
-  """Writes ``x`` ``[B, T, D]`` at positions ``index … index+T−1``.
+def write_ngram_cache(cache: NGramCache, x, keys, segment_ids) -> NGramCache:
+  """Writes ``x`` ``[B, T, D]`` and its keys at positions ``index … index+T−1``.
 
   When ``T > C`` only the last ``C`` tokens are written (one scatter writes
   a slot once); ``index`` advances by ``T``.
@@ -112,6 +110,7 @@ def write_ngram_cache(cache: NGramCache, x, segment_ids) -> NGramCache:
   return NGramCache(
       values=cache.values.at[:, slots].set(x[:, time - kept:].astype(cache.values.dtype),
                                            unique_indices=True),
+      keys=cache.keys.at[:, slots].set(keys[:, time - kept:], unique_indices=True),
       positions=cache.positions.at[:, slots].set(
           jnp.broadcast_to(positions, (batch, kept)), unique_indices=True),
       segment_ids=cache.segment_ids.at[:, slots].set(
@@ -153,11 +152,21 @@ def token_hashes(x):
                     for w in range(HASH_WORDS)], axis=-1)
 
 
-def ngram_average(values, positions, segment_ids, query_slots, orders: Sequence[int], dtype):
+def match_keys(x, tokens=None):
+  """``[B, T, HASH_WORDS]`` uint32 keys: token ids when given, else hashes of ``x``'s bits."""
+  if tokens is None:
+    return token_hashes(x)
+  ids = tokens.astype(jnp.uint32)[..., None]
+  return jnp.concatenate([ids, jnp.zeros_like(ids)] * (HASH_WORDS // 2), axis=-1)
+
+
+def ngram_average(values, hashes, positions, segment_ids, query_slots, orders: Sequence[int],
+                  dtype):
   """``h^n`` of the module docstring for queries stored among the slots.
 
   Args:
     values: ``[B, S, D]`` inputs in their slots (the queries' own included).
+    hashes: ``[B, S, HASH_WORDS]`` their match keys (:func:`match_keys`).
     positions: ``[B, S]`` int32 position of each slot, −1 when empty.
     segment_ids: ``[B, S]`` int32 document of each slot.
     query_slots: ``[T]`` int slots of the queries; None when the queries are
@@ -170,7 +179,6 @@ def ngram_average(values, positions, segment_ids, query_slots, orders: Sequence[
     0 where a query has no match.
   """
   longest = max(orders)
-  hashes = token_hashes(values)                                       # [B, S, W]
   present = positions >= 0
   # hist[k][s]: hash of the input k positions before slot s's; ok[k][s]: the
   # inputs s−k … s are all stored and all in slot s's document.
@@ -205,6 +213,7 @@ def _check_cache(cache, batch: int, d_model: int) -> None:
     raise TypeError(f"state is a {type(cache).__name__}; expected an NGramCache")
   capacity = cache.values.shape[1] if cache.values.ndim == 3 else "C"
   _checks.check_shape("state.values", cache.values, (batch, capacity, d_model))
+  _checks.check_shape("state.keys", cache.keys, (batch, capacity, HASH_WORDS))
   _checks.check_shape("state.positions", cache.positions, (batch, capacity))
   _checks.check_shape("state.segment_ids", cache.segment_ids, (batch, capacity))
   _checks.check_shape("state.index", cache.index, ())
@@ -223,6 +232,8 @@ class NGramHead(nn.Module):
     dtype: compute dtype, the dtype of the cache and of the compared vectors.
     param_dtype: dtype of the parameters.
   """
+  reads_tokens: ClassVar[bool] = True   # the LM passes ``tokens`` to this mixer
+
   d_model: int
   orders: int | tuple[int, ...] = 1
   max_len: int = 2048
@@ -246,7 +257,7 @@ class NGramHead(nn.Module):
                             self.dtype if dtype is None else dtype)
 
   @nn.compact
-  def __call__(self, x, state=None, segment_ids=None):
+  def __call__(self, x, state=None, segment_ids=None, tokens=None):
     """Averages the inputs that followed earlier occurrences of each n-gram.
 
     Args:
@@ -254,6 +265,8 @@ class NGramHead(nn.Module):
       state: an ``NGramCache`` from ``init_state`` or a previous call, or None
         at a sequence start.
       segment_ids: ``[B, T]`` document ids; matches stay inside a document.
+      tokens: ``[B, T]`` int token ids to match on (the reference's keys, at
+        any depth; the language model passes them); None matches the bits of ``x``.
 
     Returns:
       ``(y, cache)``: ``y`` ``[B, T, D]`` in ``dtype`` (NaN once the cache
@@ -266,18 +279,21 @@ class NGramHead(nn.Module):
     segment_ids = (jnp.zeros((batch, time), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
     x = x.astype(self.dtype)
+    if tokens is not None:
+      _checks.check_shape("tokens", tokens, (batch, time))
+    keys = match_keys(x, tokens)
     if state is None:
       # Without a cache to read, the tokens of this call are all there is.
       positions = jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
-      h = ngram_average(x, positions, segment_ids, None, orders, self.dtype)
-      cache = write_ngram_cache(self.init_state(batch), x, segment_ids)
+      h = ngram_average(x, keys, positions, segment_ids, None, orders, self.dtype)
+      cache = write_ngram_cache(self.init_state(batch), x, keys, segment_ids)
     else:
       _check_cache(state, batch, self.d_model)
       capacity = state.values.shape[1]
-      cache = write_ngram_cache(state, x, segment_ids)
+      cache = write_ngram_cache(state, x, keys, segment_ids)
       slots = (state.index + jnp.arange(time, dtype=jnp.int32)) % capacity
-      h = ngram_average(cache.values, cache.positions, cache.segment_ids, slots, orders,
-                        self.dtype)
+      h = ngram_average(cache.values, cache.keys, cache.positions, cache.segment_ids, slots,
+                        orders, self.dtype)
       h = jnp.where(state.index + time > capacity, jnp.nan, h)
     proj = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
     y = _common.dense(self.d_model, (None, None, "embed"), axis=(-2, -1), name="ngram_proj",

@@ -5,7 +5,8 @@
     logits, state = model.apply(params, tokens, state=None, segment_ids=None)
 """
 
-from recurrent_lm.models import linearize, presets
-from recurrent_lm.models.lm import (Block, LanguageModel, MixerSpec, ModelConfig, prefix_len,
-                                    state_bytes, with_mixer_options)
+from recurrent_lm.models import hmt, linearize, presets
+from recurrent_lm.models.build import build, config_from_dict, prefix_len, state_bytes
+from recurrent_lm.models.hmt import HMT, HMTConfig
+from recurrent_lm.models.lm import Block, LanguageModel, MixerSpec, ModelConfig, with_mixer_options
 from recurrent_lm.models.registry import get_mixer, mixer_names, register_mixer

@@ -187,11 +187,13 @@ class Block(nn.Module):
   spec: MixerSpec
 
   @nn.compact
-  def __call__(self, h, state, segment_ids, router_h=None, gru_params=None):
+  def __call__(self, h, state, segment_ids, router_h=None, gru_params=None, tokens=None):
     config = self.config
     dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
-    y, state = config.make_mixer(self.spec, name="mixer")(
-        _norm(config, "mixer_norm")(h), state, segment_ids)
+    mixer = config.make_mixer(self.spec, name="mixer")
+    # Mixers that match on token ids (the n-gram head) get them at any depth.
+    extra = {"tokens": tokens} if getattr(mixer, "reads_tokens", False) else {}
+    y, state = mixer(_norm(config, "mixer_norm")(h), state, segment_ids, **extra)
     h = h + y.astype(h.dtype)
     if config.mlp == "moe":
       u = _norm(config, "mlp_norm")(h)
@@ -221,12 +223,12 @@ class _Period(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, states, segment_ids, gru_params):
+  def __call__(self, carry, states, segment_ids, gru_params, tokens):
     h, router_h = carry
     new_states = []
     for i, spec in enumerate(self.config.layout):
       h, state, router_h = Block(self.config, spec, name=f"block_{i}")(
-          h, None if states is None else states[i], segment_ids, router_h, gru_params)
+          h, None if states is None else states[i], segment_ids, router_h, gru_params, tokens)
       new_states.append(state)
     return (h, router_h), tuple(new_states)
 
@@ -251,7 +253,8 @@ class LanguageModel(nn.Module):
     return {"position": jnp.zeros((batch_size,), jnp.int32), "layers": layer_states}
 
   @nn.compact
-  def __call__(self, tokens, state=None, segment_ids=None):
+  def __call__(self, tokens, state=None, segment_ids=None, *, embeddings=None,
+               embedding_mask=None, return_hidden=False):
     """Next-token logits.
 
     Args:
@@ -260,10 +263,16 @@ class LanguageModel(nn.Module):
         data enters; inside ``jit`` NaN is the loudest signal available).
       state: from ``init_state`` or a previous call; None starts every row.
       segment_ids: ``[B, T]`` document ids of a packed row.
+      embeddings: ``[B, T, D]`` input vectors used instead of the token
+        embedding where ``embedding_mask`` ``[B, T]`` is True (everywhere when
+        it is None); position embeddings are added to them as to tokens. For
+        wrappers that feed vectors of their own (HMT's memory embeddings).
+      return_hidden: also return the final hidden states ``[B, T, D]`` (after
+        the final norm: the input of the logits layer).
 
     Returns:
       ``(logits, state)``: ``logits`` ``[B, T, V]`` float32 and the state
-      after the last token.
+      after the last token; ``(logits, state, hidden)`` with ``return_hidden``.
     """
     config = self.config
     if tokens.ndim != 2 or tokens.shape[1] < 1:
@@ -276,6 +285,10 @@ class LanguageModel(nn.Module):
     table = self.param("embedding", nn.with_logical_partitioning(embed_init, ("vocab", "embed")),
                        (config.vocab_size, config.d_model), jnp.dtype(config.param_dtype))
     h = jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    if embeddings is not None:
+      _checks.check_shape("embeddings", embeddings, (batch, time, config.d_model))
+      replace = True if embedding_mask is None else embedding_mask[..., None]
+      h = jnp.where(replace, embeddings.astype(h.dtype), h)
 
     offset = jnp.zeros((batch,), jnp.int32) if state is None else state["position"]
     positions = _checks.document_positions(offset, segment_ids, time)
@@ -297,10 +310,12 @@ class LanguageModel(nn.Module):
           config.router_dim, jnp.dtype(config.param_dtype)))
       router_h = layers.moe.initial_router_state(batch, time, config.router_dim)
     stack = nn.scan(period, variable_axes={"params": 0, "moe_aux": 0},
-                    split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
+                    split_rngs={"params": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=config.num_periods, metadata_params={nn.PARTITION_NAME: "layers"})
     (h, _), layer_states = stack(config, name="layers")(
-        (h, router_h), None if state is None else state["layers"], segment_ids, gru_params)
+        (h, router_h), None if state is None else state["layers"], segment_ids, gru_params,
+        tokens)
 
     h = _norm(config, "final_norm")(h)
     if config.tie_embeddings:
@@ -314,7 +329,10 @@ class LanguageModel(nn.Module):
     logits = logits.astype(jnp.float32)
     if config.logit_softcap is not None:
       logits = config.logit_softcap * jnp.tanh(logits / config.logit_softcap)
-    return logits, {"position": positions[:, -1] + 1, "layers": layer_states}
+    new_state = {"position": positions[:, -1] + 1, "layers": layer_states}
+    if return_hidden:
+      return logits, new_state, h
+    return logits, new_state
 
 
 def with_mixer_options(config: ModelConfig, mixer: str, **options) -> ModelConfig:

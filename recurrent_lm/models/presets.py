@@ -28,11 +28,24 @@ train from scratch. ``h3_cpu_small`` is H3's hybrid at CPU size: H3 layers
 (d_state 64, heads of width 1 as in the reference) with softmax attention at
 the second layer, GELU MLPs and LayerNorm as in the H3 LMs. ``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
 Mamba (S6) and xLSTM.
+
+The memory and routing family at CPU size: ``titans_mal_cpu_small`` (Titans
+MAL: neural memory then a 64-token window, alternating),
+``titans_mag_cpu_small`` (MAG: window gated by the memory),
+``moneta_/yaad_/memora_cpu_small`` (the Miras models: their memory in every
+layer), ``moe_cpu_small`` / ``rmoe_cpu_small`` (``gpt_cpu_small`` with 8
+SwiGLU experts, top-2, routed per layer or by RMoE's GRU over depth) and
+``ngram_cpu_small`` (qLSTM layers with an n-gram head of orders 1–3 as the
+second layer, as ICLL's hybrids put it after a first regular layer).
+``hmt_cpu_small`` is HMT around ``qlstm_cpu_small`` (an ``HMTConfig``, see
+:func:`recurrent_lm.models.hmt.hmt_cpu_small`).
 """
 
 from __future__ import annotations
 
-from recurrent_lm.models import linearize
+import dataclasses
+
+from recurrent_lm.models import hmt, linearize
 from recurrent_lm.models.lm import MixerSpec, ModelConfig
 
 SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
@@ -46,7 +59,8 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
 FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
 # Further architectures at the CPU size (width 128, 4 heads).
-CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger", "h3")
+CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger", "h3", "titans_mal", "titans_mag",
+                "moneta", "yaad", "memora", "moe", "rmoe", "ngram", "hmt")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
@@ -62,6 +76,34 @@ def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
   is the mixer alone).
   ``xlstm``: xLSTM[3:1] — three mLSTM layers then an sLSTM, SwiGLU MLPs of
   width 8/3·D and logits soft-capped at 30 as in xLSTM 7B."""
+  memory = (("chunk_size", 16), ("num_heads", 4))
+  if family == "titans_mal":
+    window = MixerSpec("sliding_window", (("num_heads", 4), ("rope_theta", 10_000.0),
+                                          ("window", 64)))
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("titans", memory), window), mlp="swiglu",
+                       norm="rmsnorm", max_len=max_len)
+  if family == "titans_mag":
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("titans_mag", memory + (("window", 64),)),),
+                       mlp="swiglu", norm="rmsnorm", max_len=max_len)
+  if family in ("moneta", "yaad", "memora"):
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec(family, memory),), mlp="swiglu", norm="rmsnorm",
+                       max_len=max_len)
+  if family in ("moe", "rmoe"):
+    gpt = get("gpt_cpu_small", vocab_size, max_len)
+    return dataclasses.replace(gpt, mlp="moe", num_experts=8, top_k=2,
+                               router="recurrent" if family == "rmoe" else "linear",
+                               router_dim=64)
+  if family == "ngram":
+    qlstm = MixerSpec("qlstm", (("head_dim", 32), ("num_heads", 4)))
+    ngram = MixerSpec("ngram", (("max_len", max_len), ("orders", (1, 2, 3))))
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(qlstm, ngram, qlstm, qlstm), mlp="gelu", norm="layernorm",
+                       max_len=max_len)
+  if family == "hmt":
+    return hmt.hmt_cpu_small(vocab_size, max_len)
   if family == "liger":
     return linearize.liger_config(get("gpt_cpu_small", vocab_size, max_len), lora_rank=0)
   if family == "h3":
@@ -102,13 +144,14 @@ def _based(size: str, vocab_size: int, max_len: int, prefix: bool = False) -> Mo
                      norm="rmsnorm", positions="none", max_len=max_len)
 
 
-def get(name: str, vocab_size: int = VOCAB_SIZE, max_len: int = SEQ_LEN) -> ModelConfig:
+def get(name: str, vocab_size: int = VOCAB_SIZE,
+        max_len: int = SEQ_LEN) -> "ModelConfig | hmt.HMTConfig":
   """The preset ``name`` (see :func:`names`) for ``vocab_size`` tokens."""
   family, _, size = name.partition("_")
+  if name.endswith("_cpu_small") and name[:-len("_cpu_small")] in CPU_FAMILIES:
+    return _cpu_family(name[:-len("_cpu_small")], vocab_size, max_len)
   if family in ("based", "jrt") and size in BASED_SIZES:
     return _based(size, vocab_size, max_len, prefix=family == "jrt")
-  if family in CPU_FAMILIES and size == "cpu_small":
-    return _cpu_family(family, vocab_size, max_len)
   if family not in FAMILIES or size not in SIZES:
     raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(names())}")
   num_layers, d_model, num_heads = SIZES[size]

@@ -51,6 +51,15 @@ def _based(d_model: int, *, num_heads: int, feature_dim: int = 16, **kwargs):
                                 feature_map="taylor", normalize=True, **kwargs)
 
 
+def _miras(objective: str, retention: str):
+  """A Miras model's memory: a 2-layer MLP (expansion 4), plain gradient steps."""
+  def make(d_model: int, **kwargs) -> layers.NeuralMemory:
+    options = dict(memory="mlp", objective=objective, retention=retention, momentum=False)
+    return layers.NeuralMemory(d_model, **{**options, **kwargs})
+  make.__doc__ = f"Miras: {objective} attentional bias, {retention} retention."
+  return make
+
+
 register_mixer("attention", layers.Attention)
 register_mixer("based", _based)
 register_mixer("base_conv", layers.BaseConv)
@@ -66,3 +75,9 @@ register_mixer("mamba2", layers.Mamba2)
 register_mixer("mlstm", layers.MLSTM)
 register_mixer("qlstm", layers.QLSTM)
 register_mixer("slstm", layers.SLSTM)
+register_mixer("ngram", layers.NGramHead)
+register_mixer("titans", layers.NeuralMemory)
+register_mixer("titans_mag", layers.TitansMAG)
+register_mixer("moneta", _miras("lp", "lq"))
+register_mixer("yaad", _miras("huber", "decay"))
+register_mixer("memora", _miras("l2", "kl"))

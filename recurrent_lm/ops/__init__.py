@@ -14,3 +14,4 @@ from recurrent_lm.ops.linear_attention import linear_attention
 from recurrent_lm.ops.selective_scan import selective_scan
 from recurrent_lm.ops.mlstm import mlstm
 from recurrent_lm.ops.h3_ssm import h3_ssm
+from recurrent_lm.ops.neural_memory import neural_memory

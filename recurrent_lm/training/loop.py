@@ -92,9 +92,9 @@ def _plain(config) -> dict:
   return json.loads(json.dumps(config))
 
 
-def model_config(config) -> models.ModelConfig:
-  """The ``ModelConfig`` of a run config's ``model`` section."""
-  return models.ModelConfig.from_dict(_plain(config)["model"])
+def model_config(config) -> "models.ModelConfig | models.HMTConfig":
+  """The model config of a run config's ``model`` section (HMT's when it has a ``backbone``)."""
+  return models.config_from_dict(_plain(config)["model"])
 
 
 def check_config(config) -> None:
@@ -123,12 +123,13 @@ def check_config(config) -> None:
   if config.data.batch_size % config.train.accum_steps:
     raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                      f"train.accum_steps={config.train.accum_steps}")
-  if model.positions == "learned" and config.data.seq_len > model.max_len:
+  if (isinstance(model, models.ModelConfig) and model.positions == "learned"
+      and config.data.seq_len > model.max_len):
     raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
                      f"{model.max_len}, the rows of the learned position table")
   # Dimension errors of the mixers (heads not dividing the width, …) surface
   # when the model is traced; do it now, before the work directory is touched.
-  params = jax.eval_shape(models.LanguageModel(model).init, jax.random.PRNGKey(0),
+  params = jax.eval_shape(models.build(model).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 1), jnp.int32))["params"]
   if config.optimizer.trainable:
     optimizer_lib.make_optimizer(config.optimizer, 1)   # a bad pattern is one clear line
@@ -348,7 +349,7 @@ def restore_state(workdir: str):
   the arrays land on a mesh of all local devices laid out by the rules.
   """
   config = load_config(workdir)
-  model = models.LanguageModel(model_config(config))
+  model = models.build(model_config(config))
   mesh = sharding.make_mesh(**config.mesh.to_dict())
   _, init_fn, _, state_sharding = _build(config, model, mesh, config.train.steps)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -420,7 +421,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"the tokenizer has {prepared.tokenizer.vocab_size} tokens; "
                      f"expected data.vocab_size={config.data.vocab_size}")
   model_cfg = model_config(config)
-  model = models.LanguageModel(model_cfg)
+  model = models.build(model_cfg)
   mesh = sharding.make_mesh(**config.mesh.to_dict())
   batch_sharding = sharding.batch_sharding(mesh)
 

@@ -1,7 +1,7 @@
 """Sharding as data: one table maps logical axis names onto mesh axes.
 
 Parameters and activations carry logical names (``batch, length, embed,
-heads, kv_heads, head_dim, mlp, vocab, layers``); :data:`RULES` maps them onto
+heads, kv_heads, head_dim, expert, mlp, vocab, layers``); :data:`RULES` maps them onto
 the mesh axes ``data, fsdp, tensor, sequence``. A single device is the mesh of
 size 1 — the same code path.
 
@@ -11,6 +11,7 @@ size 1 — the same code path.
     embed        fsdp             parameters sharded along the model width
     heads        tensor           Megatron-style tensor parallelism
     kv_heads     tensor
+    expert       tensor           expert parallelism (an expert's hidden width then stays whole)
     mlp          tensor
     vocab        tensor
     head_dim, layers              replicated
@@ -33,6 +34,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("expert", "tensor"),     # experts shard before their hidden width
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),

@@ -119,7 +119,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, accum_ste
     raise ValueError(f"accum_steps={accum_steps!r}; expected a positive int")
   has_prefix = models.prefix_len(model.config) is not None
 
-  is_moe = model.config.mlp == "moe"
+  is_moe = getattr(model.config, "mlp", None) == "moe"   # an HMTConfig has no MoE
 
   def forward(p, micro):
     """``(logits, moe statistics (means over layers) or {})``."""

@@ -24,10 +24,20 @@ import numpy as np
 
 
 def flops_per_token(config, params, seq_len: int) -> float:
-  """Training FLOPs per token of a ``ModelConfig`` with ``params``."""
+  """Training FLOPs per token of a ``ModelConfig`` with ``params``: ``6 N`` for
+  the N parameters a token uses (of a mixture of experts, its top-k experts'),
+  plus the attention scores. HMT counts its backbone's, not its reruns."""
+  config = getattr(config, "backbone", config)
+  keys = lambda path: [getattr(k, "key", None) for k in path]
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  n = sum(int(np.prod(x.shape)) for path, x in leaves
-          if getattr(path[-1], "key", None) not in ("embedding", "position_embedding"))
+  n = 0.0
+  for path, x in leaves:
+    if keys(path)[-1] in ("embedding", "position_embedding"):
+      continue
+    used = 1.0
+    if config.mlp == "moe" and "mlp" in keys(path):
+      used = config.top_k / config.num_experts    # expert kernels: k of E per token
+    n += used * int(np.prod(x.shape))
   if config.tie_embeddings:
     n += config.vocab_size * config.d_model
   attention = 0.0

@@ -114,11 +114,29 @@ def test_average_equals_seq_icl_induction_head_on_token_ids(n):
   tokens = _tokens(TIME, seed=1)
   x = _inputs(tokens)
   positions = jnp.broadcast_to(jnp.arange(TIME, dtype=jnp.int32), (BATCH, TIME))
-  h = ngram.ngram_average(x, positions, jnp.zeros((BATCH, TIME), jnp.int32), None, (n,),
-                          jnp.float32)
+  h = ngram.ngram_average(x, ngram.token_hashes(x), positions,
+                          jnp.zeros((BATCH, TIME), jnp.int32), None, (n,), jnp.float32)
   expected = _seq_icl_average(tokens, x, n)
   assert np.any(expected != 0), "no match in the test sequence"
   assert_close(h[:, :, 0], expected, RTOL, f"h^{n}")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_token_ids_match_at_any_depth_where_hidden_states_never_repeat(n):
+  """Given ids, the head matches on them (as the reference at every depth), not on ``x``."""
+  model, params, apply = _setup(n)
+  tokens = _tokens(TIME, seed=2)
+  hidden = jax.random.normal(jax.random.key(3), (BATCH, TIME, D), jnp.float32)
+  y, _ = apply(params, hidden, None, None, jnp.asarray(tokens))
+  h = _seq_icl_average(tokens, hidden, n)
+  assert np.any(h != 0), "no match in the test sequence"
+  p = to_numpy(params)
+  expected = (np.einsum("btd,de->bte", h, p["ngram_proj"]["kernel"][0]) + p["ngram_proj"]["bias"]
+              + hidden @ p["input_proj"]["kernel"] + p["input_proj"]["bias"])
+  assert_close(y, expected, RTOL, f"y with token ids, n={n}")
+  y_bits, _ = apply(params, hidden)       # without ids: random vectors never match
+  assert_close(y_bits, hidden @ p["input_proj"]["kernel"] + p["input_proj"]["bias"]
+               + p["ngram_proj"]["bias"], RTOL, "y without ids")
 
 
 def _pieces(time, rng):
@@ -250,7 +268,8 @@ def test_equality_is_bitwise_and_hashes_are_distinct():
   a_ulp[3] = np.nextafter(a[3], np.float32(np.inf))
   x = jnp.asarray(np.stack([a, b, a, b, a_ulp, b])[None])
   positions = jnp.arange(6, dtype=jnp.int32)[None]
-  h = ngram.ngram_average(x, positions, jnp.zeros((1, 6), jnp.int32), None, (1,), jnp.float32)
+  h = ngram.ngram_average(x, ngram.token_hashes(x), positions, jnp.zeros((1, 6), jnp.int32),
+                          None, (1,), jnp.float32)
   # Position 2 (a) reads what followed a at 0; 3 (b) what followed b at 1;
   # 4 (a one ulp off) matches nothing; 5 (b) matches 1 (read 2) and 3 (read 4).
   expected = np.stack([0 * a, 0 * a, b, a, 0 * a, (a + a_ulp) / 2])[None, :, None]

@@ -270,3 +270,25 @@ def test_a_mixture_of_experts_lm_keeps_the_protocol_and_trains_on_its_balance_lo
   assert balance.shape == (3,)
   assert_close(metrics["load_balance_loss"], jnp.mean(balance), 1e-5, "balance loss")
   assert float(metrics["dropped_fraction"]) == 0.0        # dropless without a capacity
+
+
+def test_the_ngram_head_gets_the_token_ids_at_depth():
+  """Second layer of (qLSTM, n-gram): the n-gram mixer is called with the LM's
+  token ids (test_ngram checks that it matches on them)."""
+  config = models.ModelConfig.from_dict(dict(
+      vocab_size=5, d_model=32, num_layers=2, mlp="none", norm="rmsnorm",
+      layout=[{"mixer": "qlstm", "num_heads": 2},
+              {"mixer": "ngram", "orders": (1, 2), "max_len": 32}]))
+  model = models.LanguageModel(config)
+  tokens = jax.random.randint(jax.random.key(1), (BATCH, TIME), 0, 5)  # repeats often
+  params = perturb(model.init(jax.random.key(0), tokens), scale=0.5)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, models.get_mixer("ngram")) and context.method_name == "__call__":
+      seen.append(kwargs.get("tokens"))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(params, tokens)
+  assert seen and all(t is not None and t.shape == tokens.shape for t in seen), seen

@@ -140,6 +140,52 @@ def test_a_step_on_8_simulated_devices_equals_one_device():
   assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
+_MOE_SHARDED = """
+import jax, numpy as np
+from recurrent_lm import models, training
+from recurrent_lm.training import loop
+from tests.training.test_train import OPTIMIZER, _batch
+from experiments.configs import smoke
+config = smoke.get_config()
+config.data.vocab_size = 512
+config.optimizer.update(OPTIMIZER)
+config.model.update(mlp="moe", num_experts=4, top_k=2, router="recurrent", router_dim=16,
+                    mlp_hidden_dim=64, load_balance_coef=1e-2)
+model = models.LanguageModel(training.model_config(config))
+batch = {k: np.asarray(v) for k, v in _batch(3, batch=8).items()}
+results = {}
+for axes in [dict(data=1), dict(data=4, tensor=2)]:   # tensor=2: the qLSTM has 2 heads
+  devices = jax.devices()[:int(np.prod(list(axes.values())))]
+  mesh = training.make_mesh(**{"data": -1, **{k: v for k, v in axes.items() if k != "data"}},
+                            devices=devices)
+  _, init_fn, step_fn, _ = loop._build(config, model, mesh, 100)
+  state = init_fn()
+  sharded = {k: jax.device_put(v, training.batch_sharding(mesh)) for k, v in batch.items()}
+  state, metrics = step_fn(state, sharded)
+  kernel = state.params["layers"]["block_0"]["mlp"]["gate_proj"]["kernel"]
+  shard_shape = kernel.sharding.shard_shape(kernel.shape)
+  results[str(axes)] = (float(metrics["loss"]), float(metrics["load_balance_loss"]),
+                        kernel.shape, shard_shape)
+ref = results[str(dict(data=1))]
+got = results[str(dict(data=4, tensor=2))]
+print(ref, got)
+assert abs(got[0] - ref[0]) <= 1e-5 * abs(ref[0])
+assert abs(got[1] - ref[1]) <= 1e-5 * abs(ref[1])
+layers_, experts, d, f = got[2]
+assert got[3] == (layers_, experts // 2, d, f), got   # experts split 2 ways, each one whole
+print("OK")
+"""
+
+
+def test_moe_experts_shard_over_the_tensor_axis_and_the_step_equals_one_device():
+  """Mesh (data=4, tensor=2): each device holds 2 of the 4 experts whole; the
+  loss and load-balance loss of a step agree with one device to 1e-5."""
+  env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", _MOE_SHARDED], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
 def test_a_run_writes_its_config_metrics_tensorboard_and_summary(corpus, tmp_path):
   workdir = tmp_path / "run"
   config = smoke_config(corpus, steps=6, log_every=2, checkpoint_every=3)
