@@ -30,3 +30,4 @@ from recurrent_lm.layers.prefix_linear_attention import PrefixLinearAttention
 from recurrent_lm.layers.qlstm import QLSTM
 from recurrent_lm.layers.slstm import SLSTM
 from recurrent_lm.layers.titans import NeuralMemory, TitansMAG
+from recurrent_lm.layers.titans_mac import TitansMAC

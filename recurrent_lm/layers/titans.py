@@ -24,7 +24,8 @@ module with another attentional bias and retention (registry names):
 Titans' three architectures: MAL (memory as a layer) is the layout
 ``[titans, sliding_window]``; MAG (memory as a gate) is :class:`TitansMAG`,
 ``y = W_o [RMSNorm(SWA(x)) ⊙ σ(RMSNorm(LMM(x)))]`` with both branches on the
-same input; MAC (memory as context) is ``layers.TitansMAC``.
+same input; MAC (memory as context) is :class:`~recurrent_lm.layers.TitansMAC`
+(``layers/titans_mac.py``).
 """
 
 from __future__ import annotations

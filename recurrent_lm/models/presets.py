@@ -32,6 +32,8 @@ Mamba (S6) and xLSTM.
 The memory and routing family at CPU size: ``titans_mal_cpu_small`` (Titans
 MAL: neural memory then a 64-token window, alternating),
 ``titans_mag_cpu_small`` (MAG: window gated by the memory),
+``titans_mac_cpu_small`` (MAC: attention over persistent tokens, the memory's
+retrieval and the segment, 64-token segments),
 ``moneta_/yaad_/memora_cpu_small`` (the Miras models: their memory in every
 layer), ``moe_cpu_small`` / ``rmoe_cpu_small`` (``gpt_cpu_small`` with 8
 SwiGLU experts, top-2, routed per layer or by RMoE's GRU over depth) and
@@ -60,7 +62,7 @@ FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
 # Further architectures at the CPU size (width 128, 4 heads).
 CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger", "h3", "titans_mal", "titans_mag",
-                "moneta", "yaad", "memora", "moe", "rmoe", "ngram", "hmt")
+                "titans_mac", "moneta", "yaad", "memora", "moe", "rmoe", "ngram", "hmt")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
@@ -86,6 +88,10 @@ def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
   if family == "titans_mag":
     return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
                        layout=(MixerSpec("titans_mag", memory + (("window", 64),)),),
+                       mlp="swiglu", norm="rmsnorm", max_len=max_len)
+  if family == "titans_mac":
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("titans_mac", (("chunk_size", 64), ("num_heads", 4))),),
                        mlp="swiglu", norm="rmsnorm", max_len=max_len)
   if family in ("moneta", "yaad", "memora"):
     return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,

@@ -13,7 +13,7 @@ import pytest
 from tests.training.conftest import ENV, REPO
 
 FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger", "mamba2", "h3",
-            "titans_mal", "titans_mag", "moneta", "yaad", "memora", "moe", "rmoe", "ngram",
+            "titans_mal", "titans_mag", "titans_mac", "moneta", "yaad", "memora", "moe", "rmoe", "ngram",
             "hmt"]
 
 

@@ -75,6 +75,7 @@ CASES = [
                                                          chunk_size=4, **kw)),
     ("titans_mag", lambda **kw: layers.TitansMAG(D, num_heads=2, window=6, expansion=2,
                                                  chunk_size=4, **kw)),
+    ("titans_mac", lambda **kw: layers.TitansMAC(D, num_heads=2, chunk_size=4, **kw)),
     # Random inputs never repeat, so only its W1 x path is exercised here;
     # tests/layers/test_ngram.py checks the matching.
     ("ngram", lambda **kw: layers.NGramHead(D, orders=(1, 2), max_len=48, **kw)),

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import recurrent_lm.ops.neural_memory  # noqa: F401  (the module, not the op of the same name)
-import sys
+import importlib
 from tests.ops._close import assert_close
 
-nm = sys.modules["recurrent_lm.ops.neural_memory"]
+# The module: ``recurrent_lm.ops.neural_memory`` as an attribute is the op.
+nm = importlib.import_module("recurrent_lm.ops.neural_memory")
 B, T, H, K = 2, 19, 2, 4
 TOL = 1e-9
 
