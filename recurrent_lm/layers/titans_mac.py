@@ -14,7 +14,7 @@ t of segment s, with ``G_s`` the memory at the start of s::
     ȳ_t = y_t / √(mean(y_t²) + 10⁻⁶)                                             memory input
     k_t = l2norm(silu(W_k' ȳ_t)),  v_t = silu(W_v' ȳ_t)                         memory write
     θ_t = max_lr·σ(w_θ·ȳ_t + b_θ),  r_t = σ(w_r·ȳ_t + b_r),  η_t = σ(w_η·ȳ_t + b_η)
-    S_t = η_t S_{t−1} − θ_t ∇_W ‖M_{G_s}(k_t) − v_t‖²,   W_t = r_t W_{t−1} + S_t
+    S_t = η_t S_{t−1} − θ_t clip_c(∇_W ‖M_{G_s}(k_t) − v_t‖²),   W_t = r_t W_{t−1} + S_t
     o_t = W_o [y_t ⊙ σ(M_{W_t}(q^y_t))]_heads,  q^y_t = l2norm(silu(W_qy ȳ_t))      output
 
 with ``l2norm(a) = a / √(‖a‖² + 10⁻⁶)`` and every gate per head. The write
@@ -119,6 +119,15 @@ def _gradient_factors(weights, k, v):
   error2 = 2.0 * (k + gelu @ weights["w2"] - v)
   back = gelu_vjp(error2 @ jnp.swapaxes(weights["w2"], -1, -2))[0]
   return {"w1": (k, back), "w2": (gelu, error2)}
+
+
+def _clip_scale(factors, max_norm):
+  """``min(1, c / ‖∇_t‖)`` ``[B, H, C]``: the clip of every token's gradient
+  (the norm over all its matrices, ``‖l ⊗ r‖ = ‖l‖ ‖r‖``); 1 when ``c`` is None."""
+  if max_norm is None:
+    return 1.0
+  sq = sum(jnp.sum(l * l, -1) * jnp.sum(r * r, -1) for l, r in factors.values())
+  return jnp.minimum(1.0, max_norm / jnp.sqrt(jnp.maximum(sq, 1e-30)))
 
 
 def _transfer(log_eta, log_retain, reset):
@@ -234,6 +243,9 @@ class TitansMAC(nn.Module):
     num_persistent: N_p, learned persistent keys/values every token sees.
     chunk_size: C, the segment length and the memory's chunk.
     max_lr: θ's ceiling.
+    max_grad_norm: c, the largest norm of one token's memory gradient (as
+      ``ops.neural_memory``'s ``clip_c``: it bounds every step, so training
+      cannot drive the memory to overflow); None: no clipping.
     dtype: compute dtype of the projections and the output (memory, attention
       scores and state are float32).
     param_dtype: dtype of the parameters.
@@ -246,6 +258,7 @@ class TitansMAC(nn.Module):
   num_persistent: int = 4
   chunk_size: int = 64
   max_lr: float = 0.01
+  max_grad_norm: float | None = 10.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -428,20 +441,22 @@ class TitansMAC(nn.Module):
       at_carry, at_init = read(grad_mem, q_memory), read(a0, q_memory)
       first = attend(_pick(epoch, at_carry, at_carry, at_init))
       coef = _transfer(first["log_eta"], first["log_retain"], reset_)
-      _, before = _memory_at(jnp.maximum(p_idx - 1, 0),
-                             _gradient_factors(grad_mem, first["k"], first["v"]),
-                             first["weight"], coef, acc, mom, a0)
+      first_factors = _gradient_factors(grad_mem, first["k"], first["v"])
+      _, before = _memory_at(jnp.maximum(p_idx - 1, 0), first_factors,
+                             first["weight"] * _clip_scale(first_factors, self.max_grad_norm),
+                             coef, acc, mom, a0)
       mid = _tree_where((p_idx > 0)[:, None], before, acc)
       # Phase 2: every retrieval and gradient at the memory of its epoch.
       out = attend(_pick(epoch, at_carry, read(mid, q_memory), at_init))
       coef = _transfer(out["log_eta"], out["log_retain"], reset_)
       factors = _pick(epoch, *(_gradient_factors(w, out["k"], out["v"])
                                for w in (grad_mem, mid, a0)))
+      weight = out["weight"] * _clip_scale(factors, self.max_grad_norm)
       q_read = _l2norm(jax.nn.silu(memory_proj(out["y_bar"], w_qy, "bcd,dhk->bchk")))
-      memory_out = _read_each(to_bhc(q_read), factors, out["weight"], coef, acc, mom, a0)
+      memory_out = _read_each(to_bhc(q_read), factors, weight, coef, acc, mom, a0)
       gated = out["y"].reshape(batch, chunk, heads, head_dim) * jax.nn.sigmoid(
           to_bhc(memory_out)).astype(dtype)
-      new_mom, new_acc = _memory_at(jnp.sum(real_, axis=1) - 1, factors, out["weight"], coef,
+      new_mom, new_acc = _memory_at(jnp.sum(real_, axis=1) - 1, factors, weight, coef,
                                     acc, mom, a0)
 
       last = epoch[:, -1][:, None]

@@ -81,6 +81,10 @@ CASES = [
     ("ngram", lambda **kw: layers.NGramHead(D, orders=(1, 2), max_len=48, **kw)),
 ]
 NAMES = [name for name, _ in CASES]
+# Their pieces / packing invariants are checked by their own files at larger
+# memory steps (here the memory barely moves): the op's reference on packed
+# rows and pieces for Moneta's ℓq path, test_titans_mac for MAC.
+_INVARIANTS_ELSEWHERE = ("moneta", "titans_mac")
 # Checked here only for 100k decoded tokens (the Miras memories all must stay finite).
 DECODE_ONLY = [
     ("yaad", lambda **kw: registry.get_mixer("yaad")(D, num_heads=2, expansion=2, chunk_size=4,
@@ -127,7 +131,7 @@ def _assert_same_structure(state, expected):
     assert (got.shape, got.dtype) == (want.shape, want.dtype)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in _INVARIANTS_ELSEWHERE])
 def test_pieces_and_tokens_with_carried_state_equal_one_call(name):
   model, params, apply = _setup(name)
   x = _inputs(TIME)
@@ -152,7 +156,7 @@ def test_pieces_and_tokens_with_carried_state_equal_one_call(name):
   assert_trees_close(state, state_full, RTOL, "token-by-token state")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in _INVARIANTS_ELSEWHERE])
 def test_packed_row_equals_documents_run_separately(name):
   model, params, apply = _setup(name)
   # Row 0 holds documents of lengths 5, 1, 10, 5; row 1 of lengths 10, 1, 10.

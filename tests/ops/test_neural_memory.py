@@ -10,13 +10,13 @@ one by one); the mixer template checks the float32 path's consistency.
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import importlib
 from tests.ops._close import assert_close
 
 # The module: ``recurrent_lm.ops.neural_memory`` as an attribute is the op.
@@ -114,8 +114,10 @@ def _run(variant, chunk, args, options, **kwargs):
   return _op(variant, chunk)(**args, init_memory=options["init_memory"], **kwargs)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("chunk", [1, 4])
+# Every variant chunked; the recurrent form (C = 1) for one of each read path
+# (the dual form of decay retention, and the per-token memories of ℓq / KL).
+@pytest.mark.parametrize("variant, chunk", [(v, 4) for v in sorted(VARIANTS)]
+                         + [("titans_mlp", 1), ("yaad", 1), ("memora", 1)])
 def test_chunked_form_equals_the_token_by_token_reference_on_packed_rows(variant, chunk):
   with jax.enable_x64(True):
     args, options = _inputs(variant, seed=3, dtype=jnp.float64)
@@ -124,7 +126,7 @@ def test_chunked_form_equals_the_token_by_token_reference_on_packed_rows(variant
     assert_close(y, _reference(args, options, chunk, _SEGMENTS), TOL, f"{variant} C={chunk}")
 
 
-@pytest.mark.parametrize("variant", ["titans_mlp", "memora"])
+@pytest.mark.parametrize("variant", ["titans_mlp", "moneta"])
 def test_pieces_with_carried_state_equal_one_call(variant):
   """Pieces start and end inside chunks (lengths 5 and 1 against C = 4); float32, 2e-5."""
   args, options = _inputs(variant, seed=4)
