@@ -13,13 +13,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# A fresh JAX compilation cache per run, shared by the two workers and the
-# scripts the tests start: a program compiled once (the smoke model's step,
-# a mixer's apply) is not compiled again. Fresh, so every run costs the same.
 test: $(STAMP)
-	@start=$$(date +%s); cache=$$(mktemp -d); \
-	JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3 \
-	$(PY) -m pytest -n 2 -m "not slow" --durations=15 tests; status=$$?; rm -rf $$cache; \
+	@start=$$(date +%s); \
+	$(PY) -m pytest -n 2 -m "not slow" --durations=15 tests; status=$$?; \
 	echo "make test: suite took $$(( $$(date +%s) - start )) s"; exit $$status
 
 # pytest exits 5 when nothing is marked slow yet; that is not a failure.

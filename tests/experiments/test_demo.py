@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.training.conftest import ENV, REPO, VOCAB, write_corpus
 
 
+@pytest.mark.slow   # a minute; `make test-slow` (the suite's time budget)
 def test_demo_trains_evaluates_and_compares_both_models(tmp_path):
   corpus = write_corpus(tmp_path / "corpus")
   out = tmp_path / "demo"

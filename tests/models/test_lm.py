@@ -240,7 +240,9 @@ def test_mixer_options_switch_mamba2_state_collapse_mitigations_on_the_same_para
     models.with_mixer_options(config, "gla", state_window=3)
 
 
-@pytest.mark.parametrize("router", ["linear", "recurrent"])
+# The linear router is the simpler path (and trains in tests/training's
+# sharded MoE step); it runs in `make test-slow`.
+@pytest.mark.parametrize("router", [pytest.param("linear", marks=pytest.mark.slow), "recurrent"])
 def test_a_mixture_of_experts_lm_keeps_the_protocol_and_trains_on_its_balance_loss(router):
   from recurrent_lm import training
   config = models.ModelConfig(

@@ -116,6 +116,7 @@ def test_zero_decays_are_exact_in_the_chunked_form():
   assert_close(got, ref, F32_TOL)
 
 
+@pytest.mark.slow   # ~50 s; the fixed-shape cases above run in `make test`
 @hypothesis.settings(max_examples=8, deadline=None)
 @hypothesis.given(batch=st.integers(1, 3), time=st.integers(1, 130),
                   rest=st.sampled_from([(), (1,), (3, 2)]), chunk_size=st.integers(1, 70),

@@ -151,7 +151,10 @@ def test_chunk_size_changes_the_result_only_through_the_gradient_memory():
   assert float(jnp.max(jnp.abs(y1 - y4))) > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["titans_mlp", "moneta", "yaad", "memora"])
+# One per read path in `make test`; Moneta's and Yaad's biases in `make test-slow`.
+@pytest.mark.parametrize("variant", ["titans_mlp", "memora",
+                                     pytest.param("moneta", marks=pytest.mark.slow),
+                                     pytest.param("yaad", marks=pytest.mark.slow)])
 def test_gradients_match_central_differences_in_float64(variant):
   with jax.enable_x64(True):
     args, options = _inputs(variant, seed=6, time=7, dtype=jnp.float64)
