@@ -8,12 +8,16 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# XLA:CPU in jaxlib 0.10.2 and 0.11 runs element-wise and reduce fusions
-# through YNNPACK (slinky), which segfaults on an Eigen worker thread for some
-# high-rank broadcast/reduce shapes (jax-ml/jax#39257, #40412; the Python
-# traceback then lands wherever the main thread happens to be). Only its
-# matmul fusions are kept, unless XLA_FLAGS already chooses. The flag acts only
-# if set before JAX starts its CPU backend: import recurrent_lm first.
+# XLA:CPU in jaxlib 0.10.2 and 0.11 runs fusions through YNNPACK (slinky) by
+# default, and here they are off unless XLA_FLAGS already chooses:
+#   * some high-rank broadcast/reduce fusions segfault on an Eigen worker
+#     thread (jax-ml/jax#39257, #40412), the Python traceback landing wherever
+#     the main thread happens to be;
+#   * after ``jax.clear_caches()`` recompiled YNN programs returned wrong
+#     numbers (errors of 1e16 and NaN in the BASED/JRT mixer tests), with its
+#     matmul fusions alone as well; with YNN off they are exact.
+# The flag acts only if set before JAX starts its CPU backend: import
+# recurrent_lm first. It costs up to ~20% on some CPU train steps (BUILD.md).
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if _YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
-  _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=dot".strip()
+  _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=".strip()

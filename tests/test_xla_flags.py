@@ -23,11 +23,10 @@ print(float(np.max(np.abs(np.asarray(got) - want))))
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU flag")
 
 
-def test_only_matmul_ynn_fusions_after_import():
+def test_no_ynn_fusions_after_import():
   x = jax.random.normal(jax.random.key(0), (64, 64))
-  compile_ = lambda f: jax.jit(f).lower(x, x).compile().as_text()
-  assert "__ynn_fusion" in compile_(lambda a, b: a @ b)
-  assert "__ynn_fusion" not in compile_(lambda a, b: jnp.tanh(a * b).sum(0))
+  for f in (lambda a, b: a @ b, lambda a, b: jnp.tanh(a @ b).sum(0)):
+    assert "__ynn_fusion" not in jax.jit(f).lower(x, x).compile().as_text()
 
 
 def test_the_upstream_crasher_runs_and_is_right():
