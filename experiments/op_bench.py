@@ -21,6 +21,7 @@ Ops (``--ops``):
 * ``linear_attention_normalized`` — Based-style ``normalize=True`` with
   positive feature-mapped ``q, k`` (``elu + 1``), no decay.
 * ``linear_scan`` — ``a, b`` of shape ``[B, T, H·head_dim]``.
+* ``mlstm`` — the xLSTM matrix memory, forget-gate pre-activations ``n + 3``.
 * ``softmax_attention`` (full causal) and ``softmax_attention_window``
   (window 256).
 * ``causal_conv1d`` — width 4 over ``[B, T, H·head_dim]``.
@@ -45,7 +46,8 @@ algorithm computes them):
   rescaled keys) is not counted. ``pallas`` is counted as ``chunked``.
 * linear attention, ``recurrent``: ``T·4·K·V`` (the outer product ``k vᵀ``
   and the read ``qᵀS``); ``parallel``: ``2T²·(K + V)``.
-* ``normalize=True`` adds one value column: ``V + 1`` in every formula.
+* ``normalize=True`` adds one value column: ``V + 1`` in every formula;
+  ``mlstm`` is counted as linear attention with that column.
 * ``linear_scan``: 2 per element, every implementation.
 * softmax attention: ``4·T²·D`` full (``QKᵀ`` and ``PV``, masked half
   included); ``4·T·min(w, T)·D`` with a window ``w`` — the useful work, even
@@ -219,6 +221,25 @@ def _linear_attention_op(decay, normalize=False):
   return _Op("recurrent_lm.ops.linear_attention", make_inputs, call, flops, describe)
 
 
+def _mlstm_inputs(key, shape):
+  dtype = _DTYPES[shape.dtype]
+  bthd = (shape.batch, shape.seq_len, shape.heads, shape.head_dim)
+  kq, kk, kv, ki, kf = jax.random.split(key, 5)
+  return (_normal(kq, bthd, dtype), _normal(kk, bthd, dtype), _normal(kv, bthd, dtype),
+          _normal(ki, bthd[:3], dtype), _normal(kf, bthd[:3], dtype) + 3)
+
+
+def _mlstm_call(impl, shape, q, k, v, input_gate, forget_gate):
+  return rlm_ops.mlstm(q, k, v, input_gate, forget_gate, chunk_size=shape.chunk_size,
+                       impl=impl)
+
+
+def _mlstm_flops(impl, shape):
+  # The chunked forms cost what chunked linear attention with a normaliser
+  # column costs; the recurrent and parallel forms likewise.
+  return _linear_attention_flops(impl, shape, normalize=True)
+
+
 def _linear_scan_inputs(key, shape):
   dtype = _DTYPES[shape.dtype]
   btd = (shape.batch, shape.seq_len, shape.width)
@@ -278,6 +299,9 @@ OPS: dict[str, _Op] = {
                        _linear_scan_call, _elementwise_flops(2),
                        lambda shape: dict(time=shape.seq_len,
                                           dtype=jnp.dtype(_DTYPES[shape.dtype]))),
+    "mlstm": _Op("recurrent_lm.ops.mlstm", _mlstm_inputs, _mlstm_call, _mlstm_flops,
+                 lambda shape: dict(time=shape.seq_len, dtype=jnp.dtype(_DTYPES[shape.dtype]),
+                                    chunk_size=shape.chunk_size)),
     "softmax_attention": _softmax_attention_op(None),
     "softmax_attention_window": _softmax_attention_op(_WINDOW),
     "causal_conv1d": _Op("recurrent_lm.ops.causal_conv1d", _conv_inputs, _conv_call,
@@ -297,11 +321,15 @@ def _registry(name: str):
 
 def default_impls(op: str) -> tuple[str, ...]:
   """Every implementation registered for ``op``, then ``auto``; ``("default",)``
-  for an op without an ``impl=`` registry."""
+  for an op without an ``impl=`` registry. On CPU ``pallas`` is left out: it
+  runs there only in interpret mode (``--impls=pallas`` still asks for it)."""
   registry = _registry(op)
   if registry is None:
     return (_DEFAULT_IMPL,)
-  return registry.names + ("auto",)
+  names = registry.names
+  if jax.default_backend() == "cpu":   # kernels only interpret on CPU: not a timing
+    names = tuple(name for name in names if name != "pallas")
+  return names + ("auto",)
 
 
 def resolve_impl(op: str, impl: str, shape: BenchShape) -> str | None:

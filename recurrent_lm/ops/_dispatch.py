@@ -23,6 +23,19 @@ def _always(**call: Any) -> bool:
   return True
 
 
+def kernel_predicate(supports: Callable[..., bool]) -> Callable[..., bool]:
+  """A Pallas kernel's ``supports`` as the registry uses it.
+
+  On CPU an explicit ``impl="pallas"`` runs the kernel's GPU blocks in
+  interpret mode (slow: for tests), so the call is checked against the GPU
+  layout there. ``auto`` never reaches it on CPU: no CPU preference list
+  names ``"pallas"``.
+  """
+  def predicate(*, backend: str, **call: Any) -> bool:
+    return supports(backend="gpu" if backend == "cpu" else backend, **call)
+  return predicate
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
   """One way to run an op; ``supports(backend=..., **call)`` says whether

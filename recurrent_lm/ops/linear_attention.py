@@ -49,6 +49,10 @@ Implementations (``impl=``), all computing in float32:
   keys before it; the diagonal sub-chunk blocks are formed element-wise
   (``sub × sub × K``). This is the secondary-chunking formulation of GLA,
   with every factor bounded by 1.
+* ``pallas`` — ``pallas_kernels.linear_attention``: the chunked form as GPU
+  (Triton) / TPU (Mosaic) kernels, forward and backward, the state carried
+  in float32 across chunks inside the kernel; bfloat16 inputs are multiplied
+  in bfloat16.
 * ``auto`` — the fastest that supports the call (see BUILD.md for the
   measurements behind the choice).
 """
@@ -63,8 +67,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import pallas_kernels.linear_attention as pallas_linear_attention
 from recurrent_lm.ops import _checks
-from recurrent_lm.ops._dispatch import Registry
+from recurrent_lm.ops._dispatch import Registry, kernel_predicate
 from recurrent_lm.ops.linear_scan import linear_scan
 
 _EPS = 1e-6
@@ -388,6 +393,10 @@ REGISTRY = Registry(
 REGISTRY.register("recurrent", _recurrent)
 REGISTRY.register("parallel", _both_directions(_parallel_causal))
 REGISTRY.register("chunked", _both_directions(_chunked_causal))
+# The kernel is causal; the non-causal read is built from causal passes here.
+REGISTRY.register(
+    "pallas", _both_directions(pallas_linear_attention.linear_attention),
+    kernel_predicate(lambda **call: pallas_linear_attention.supports(**{**call, "causal": True})))
 
 
 def _check_log_decay(log_decay, batch, time, heads, dk):
@@ -423,7 +432,7 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
     segment_ids: ``[B, T]`` integer document ids for packed rows.
     causal: False gives every position the final state of its document.
     chunk_size: chunk length of ``impl="chunked"``.
-    impl: ``"recurrent" | "parallel" | "chunked" | "auto"``.
+    impl: ``"recurrent" | "parallel" | "chunked" | "pallas" | "auto"``.
 
   Returns:
     ``(o, state)``: ``o [B, T, H, V]`` in q's dtype; the final state as
@@ -444,7 +453,8 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
       _checks.check_shape("initial_state", initial_state, (batch, heads, dk, dv))
   decay_kind = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "vector")
   chosen = REGISTRY.resolve(impl, time=time, decay=decay_kind, causal=causal,
-                            normalize=normalize, dtype=q.dtype, chunk_size=chunk_size)
+                            normalize=normalize, dtype=q.dtype, chunk_size=chunk_size,
+                            key_dim=dk)
 
   out_dtype = q.dtype
   f32 = lambda x: x.astype(jnp.float32)
@@ -466,6 +476,8 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
   if normalize:
     v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], -1)
 
+  if chosen.name == "pallas":   # the kernel multiplies bfloat16 and accumulates in float32
+    q, k, v = (x.astype(out_dtype) for x in (q, k, v))
   o, state = chosen.fn(q, k, v, g, s0, doc, causal=causal, chunk_size=chunk_size)
   if normalize:
     o = o[..., :dv] / (o[..., dv:] + _EPS)

@@ -17,6 +17,9 @@ Implementations (``impl=``):
   once, then a short scan of the chunk carries, then one correction
   ``h_t = h_t^local + (∏_{s≤t in chunk} a_s) ⊙ h_chunk_start``. Products of
   ``a`` never get divided, so zeros and tiny decays are exact.
+* ``pallas``      — ``pallas_kernels.linear_scan``: time-blocked kernels with
+  the carry in registers (GPU) or VMEM (TPU), the backward a reverse-scan
+  kernel; bfloat16 inputs stay bfloat16 on the way in.
 * ``auto``        — the fastest of these on the current backend (BUILD.md).
 
 The state accumulates in float32 (or the inputs' dtype if wider); ``h`` is
@@ -28,8 +31,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+import pallas_kernels.linear_scan as pallas_linear_scan
 from recurrent_lm.ops import _checks
-from recurrent_lm.ops._dispatch import Registry
+from recurrent_lm.ops._dispatch import Registry, kernel_predicate
 
 _CHUNK = 64
 
@@ -113,6 +117,8 @@ REGISTRY = Registry(
 REGISTRY.register("recurrent", _recurrent)
 REGISTRY.register("associative", _associative)
 REGISTRY.register("chunked", _chunked)
+REGISTRY.register("pallas", pallas_linear_scan.linear_scan,
+                  kernel_predicate(pallas_linear_scan.supports))
 
 
 def linear_scan(a, b, h0=None, *, segment_ids=None, reverse=False, impl="auto",
@@ -126,7 +132,7 @@ def linear_scan(a, b, h0=None, *, segment_ids=None, reverse=False, impl="auto",
     segment_ids: ``[B, T]`` integer document ids; the state resets where the
       id changes (``a_t`` taken as 0 there).
     reverse: run from the last position to the first.
-    impl: ``"recurrent" | "associative" | "chunked" | "auto"``.
+    impl: ``"recurrent" | "associative" | "chunked" | "pallas" | "auto"``.
     chunk_size: chunk length of ``impl="chunked"``.
 
   Returns:
@@ -151,8 +157,8 @@ def linear_scan(a, b, h0=None, *, segment_ids=None, reverse=False, impl="auto",
 
   out_dtype = jnp.result_type(a.dtype, b.dtype)
   acc = _acc_dtype(out_dtype)
-  a = a.astype(acc)
-  b = b.astype(acc)
+  if chosen.name != "pallas":   # the kernel reads bfloat16 and accumulates in float32
+    a, b = a.astype(acc), b.astype(acc)
   h0 = jnp.zeros((batch, *a.shape[2:]), acc) if h0 is None else h0.astype(acc)
   if reverse:
     a, b = jnp.flip(a, 1), jnp.flip(b, 1)

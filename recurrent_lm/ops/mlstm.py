@@ -55,6 +55,9 @@ Implementations (``impl=``), all computing in float32:
   ``m_i = max(m + b_i, max_j D_ij)``. A document that starts inside the
   chunk reads no entering state, and its ``m + b_i`` becomes ``0 + Σ F``
   from its first token (the reset above).
+* ``pallas`` — ``pallas_kernels.mlstm``: the chunked form as GPU (Triton) /
+  TPU (Mosaic) kernels, forward and backward, with ``(C, n, m)`` carried in
+  float32 across chunks inside the kernel.
 * ``auto`` — the fastest that supports the call (measurements in the
   registry comment below).
 """
@@ -66,8 +69,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import pallas_kernels.mlstm as pallas_mlstm
 from recurrent_lm.ops import _checks
-from recurrent_lm.ops._dispatch import Registry
+from recurrent_lm.ops._dispatch import Registry, kernel_predicate
 
 _EPS = 1e-6
 
@@ -229,6 +233,7 @@ REGISTRY = Registry(
 REGISTRY.register("recurrent", _recurrent)
 REGISTRY.register("parallel", _parallel)
 REGISTRY.register("chunked", _chunked)
+REGISTRY.register("pallas", pallas_mlstm.mlstm, kernel_predicate(pallas_mlstm.supports))
 
 
 def _check_initial_state(initial_state, batch, heads, dk, dv):
@@ -259,7 +264,7 @@ def mlstm(q, k, v, input_gate, forget_gate, *, initial_state=None, segment_ids=N
     segment_ids: ``[B, T]`` integer document ids for packed rows; the state
       restarts at all zeros where a new document starts.
     chunk_size: chunk length of ``impl="chunked"``.
-    impl: ``"recurrent" | "parallel" | "chunked" | "auto"``.
+    impl: ``"recurrent" | "parallel" | "chunked" | "pallas" | "auto"``.
 
   Returns:
     ``(h, state)``: ``h [B, T, H, V]`` in q's dtype and the final
@@ -273,7 +278,8 @@ def mlstm(q, k, v, input_gate, forget_gate, *, initial_state=None, segment_ids=N
   _check_initial_state(initial_state, batch, heads, dk, dv)
   _checks.check_segment_ids(segment_ids, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size)
-  chosen = REGISTRY.resolve(impl, time=time, dtype=q.dtype, chunk_size=chunk_size)
+  chosen = REGISTRY.resolve(impl, time=time, dtype=q.dtype, chunk_size=chunk_size,
+                            key_dim=dk, value_dim=dv)
 
   out_dtype = q.dtype
   f32 = lambda x: x.astype(jnp.float32)
@@ -289,6 +295,8 @@ def mlstm(q, k, v, input_gate, forget_gate, *, initial_state=None, segment_ids=N
   doc = (None if segment_ids is None
          else jnp.cumsum(_checks.segment_starts(segment_ids), axis=1, dtype=jnp.int32))
 
+  if chosen.name == "pallas":   # the kernel multiplies bfloat16 and accumulates in float32
+    q, k, v = (x.astype(out_dtype) for x in (q, k, v))
   qs, m, s_final, m_final = chosen.fn(q, k, v, log_f, i, s0, m0, doc, chunk_size=chunk_size)
   h = qs[..., :dv] / (jnp.maximum(jnp.abs(qs[..., dv:]), jnp.exp(-m)[..., None]) + _EPS)
   return h.astype(out_dtype), (s_final[..., :dv], s_final[..., dv], m_final)
