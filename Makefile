@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow bench arch-bench demo clean
+.PHONY: test test-slow bench arch-bench recall demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench: $(STAMP)
 # Train tokens/s at T=2048 and state bytes of every CPU preset (BUILD.md's table).
 arch-bench: $(STAMP)
 	$(PY) -m experiments.arch_bench --seq_len=2048
+
+# Recall vs state size on MQAR (the quick preset, ~15 min on 2 CPU cores), then the
+# JRT-Prompt table of the same models; resumes where it stopped.
+RECALL_DIR ?= runs/recall_quick
+recall: $(STAMP)
+	$(PY) -m experiments.recall_sweep --workdir=$(RECALL_DIR)
+	$(PY) -m experiments.jrt_eval --workdir=$(RECALL_DIR)
 
 # BUDGET: training seconds per model (the demo trains two, then evaluates both).
 BUDGET ?= 180

@@ -1,7 +1,8 @@
 """The train state and the jitted train step.
 
 The loss is the mean next-token cross-entropy over the tokens of a batch
-whose ``segment_ids`` are non-zero (0 marks padding)::
+whose ``segment_ids`` are non-zero (0 marks padding) — and, when the batch
+has a ``loss_mask`` (the synthetic tasks: labels only at queries), where it is 1::
 
     loss = Σ_{b,t} m_{bt} · (−log softmax(logits_{bt})[target_{bt}]) / Σ m
 
@@ -68,7 +69,8 @@ def loss_masks(model_config, batch, rng, *, mlm_prob: float = 0.15,
 
   Args:
     model_config: the ``ModelConfig``; its prefix length decides the objective.
-    batch: ``inputs``, ``targets``, ``segment_ids`` ``[B, L]``.
+    batch: ``inputs``, ``targets``, ``segment_ids`` ``[B, L]``, optionally
+      ``loss_mask`` ``[B, L]`` (only its non-zero positions are scored on their target).
     rng: PRNG key of the masked-LM draw (unused without a prefix).
     mlm_prob: share of prefix tokens masked.
     mask_token_id: the id masked inputs read; the tokenizer's ``<unk>`` (1),
@@ -80,16 +82,17 @@ def loss_masks(model_config, batch, rng, *, mlm_prob: float = 0.15,
     and the masked prefix tokens scored on themselves (all zeros without a prefix).
   """
   valid = batch["segment_ids"] > 0
+  scored = valid & (batch["loss_mask"] > 0) if "loss_mask" in batch else valid
   prefix_len = models.prefix_len(model_config)
   if prefix_len is None:
-    return batch["inputs"], valid.astype(jnp.float32), jnp.zeros(valid.shape, jnp.float32)
+    return batch["inputs"], scored.astype(jnp.float32), jnp.zeros(valid.shape, jnp.float32)
   batch_size, time = valid.shape
   positions = _checks.document_positions(jnp.zeros((batch_size,), jnp.int32),
                                          batch["segment_ids"], time)
   in_prefix = valid & (positions < prefix_len)
   masked = in_prefix & (jax.random.uniform(rng, valid.shape) < mlm_prob)
   inputs = jnp.where(masked, mask_token_id, batch["inputs"])
-  return (inputs, (valid & ~in_prefix).astype(jnp.float32), masked.astype(jnp.float32))
+  return (inputs, (scored & ~in_prefix).astype(jnp.float32), masked.astype(jnp.float32))
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
