@@ -11,7 +11,8 @@ has none (its state is the KV cache of the sequence).
            2 / 4 / 8 key–value pairs (4000 training examples each); attention, BASED,
            Mamba-2, GLA, mLSTM and qLSTM at two state sizes, JRT-RNN at one (for
            ``jrt_eval``); width 64; lr ∈ {3e-3, 1e-2}; at most 500 steps of 64.
-``quick_sd`` set disjointness, short and long set first, the same models.
+``quick_sd`` set disjointness (V = 64, sets of 4 or 8 and 24 tokens, both orders), the
+           same models but JRT-RNN, lr 3e-3, at most 1500 steps.
 ``quick_icll`` ICLL with shorter examples (10–12 strings of 1–12 letters), the same models;
            accuracy is the DFA acceptance of the greedy next token.
 ``paper``  BASED's MQAR figure: V = 8192; train (64, 4) 100k, (128, 8), (256, 16/32/64)
@@ -32,9 +33,9 @@ def _base():
                      validation=((32, 8, 256),),
                      test=((32, 2, 500), (32, 4, 500), (32, 8, 500)), power_a=0.01)
   # Set disjointness: (|A|, |B|) pairs and examples per pair.
-  config.set_disjointness = dict(train=((4, 16), (16, 4), (8, 32), (32, 8)),
-                                 train_examples=3000, validation=((8, 32), (32, 8)),
-                                 test=((8, 32), (32, 8), (4, 48), (48, 4)),
+  config.set_disjointness = dict(train=((4, 24), (24, 4), (8, 24), (24, 8)),
+                                 train_examples=4000, validation=((8, 24), (24, 8)),
+                                 test=((4, 24), (24, 4), (8, 24), (24, 8), (4, 32), (32, 4)),
                                  eval_examples=256)
   # ICLL: DFAs and strings (the paper's are 4–12 states, 10–19 strings of 1–49 letters,
   # 5000/250/250 DFAs); train_examples cycle through the train DFAs.
@@ -62,9 +63,10 @@ def get_config(preset: str = "quick"):
   config = _base()
   if preset == "quick":
     return config
-  if preset == "quick_sd":
+  if preset == "quick_sd":   # one label per example: more, cheaper steps
     config.task = "set_disjointness"
     config.grid = tuple(g for g in config.grid if not g.startswith("jrt"))
+    config.lrs, config.steps, config.eval_every = (3e-3,), 1500, 250
     return config
   if preset == "quick_icll":
     config.task = "icll"
