@@ -151,7 +151,8 @@ def evaluate(config, model_cfg, params, test_sources, jrt_repeats: int = 1) -> d
         for row in range(len(predictions)):
           one = {k: v[row:row + 1] for k, v in batch.items()}
           accepted.append((int(batch["num_states"][row]), int(one["loss_mask"].sum()),
-                           synthetic.icll.acceptance_accuracy(source, one, predictions[row:row + 1])))
+                           synthetic.icll.acceptance_accuracy(source.source, one,
+                                                            predictions[row:row + 1])))
   result = recall.accuracy(predicted, group_by=GROUPS[config.task])
   if config.task == "icll":
     def acceptance(rows):

@@ -130,8 +130,8 @@ class InMemorySource:
   """
 
   def __init__(self, source):
+    self.source = source          # what drew them (ICLL's metric needs its DFAs)
     self.examples = [source[i] for i in range(len(source))]
-    self.name = repr(source)
     self.max_len = max(e["inputs"].size for e in self.examples)   # pad batches to it: one shape
 
   def __len__(self) -> int:
@@ -141,4 +141,4 @@ class InMemorySource:
     return self.examples[index]
 
   def __repr__(self) -> str:
-    return f"InMemorySource({self.name})"
+    return f"InMemorySource({self.source!r})"
