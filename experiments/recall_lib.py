@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -366,3 +367,57 @@ def sweep(config, workdir: str) -> list[dict]:
   print(f"recall_sweep: {len(results)} cells, {time.perf_counter() - start:.0f} s; "
         f"results in {workdir}")
   return table
+
+
+# ---------------------------------------------------------------------------
+# JRT-Prompt on a finished sweep (experiments.jrt_eval).
+
+
+def jrt_table(workdir: str, repeats: int = 2) -> list[dict]:
+  """One row per trained model of the sweep in ``workdir`` (module docstring)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--workdir={workdir} has no config.json; expected a recall_sweep "
+                            "work directory")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(workdir, "results.json")) as f:
+    cells = json.load(f)["cells"]
+  test = sources(config, "test")
+  group = GROUPS[config.task][0]
+  table = []
+  for cell in sorted(best_per_model(cells), key=lambda c: (c["arch"], c["state_bytes"])):
+    directory = os.path.join(workdir, "cells", cell["cell"])
+    with open(os.path.join(directory, "config.json")) as f:
+      model_cfg = models.config_from_dict(json.load(f)["model"])
+    params = load_params(os.path.join(directory, "params"), model_cfg)
+    once = evaluate(config, model_cfg, params, test)
+    twice = evaluate(config, model_cfg, params, test, jrt_repeats=repeats)
+    row = {"model": cell["model"], "arch": cell["arch"], "state_bytes": cell["state_bytes"],
+           "accuracy": once["accuracy"], "jrt_accuracy": twice["accuracy"],
+           "delta": twice["accuracy"] - once["accuracy"]}
+    for value, fig in once[f"by_{group}"].items():
+      jrt = twice[f"by_{group}"][value]["accuracy"]
+      row[f"{group}={value}"] = fig["accuracy"]
+      row[f"{group}={value} jrt"] = jrt
+      row[f"{group}={value} delta"] = jrt - fig["accuracy"]
+    table.append(row)
+  with open(os.path.join(workdir, "jrt_eval.json"), "w") as f:
+    json.dump({"task": config.task, "repeats": repeats, "models": table}, f, indent=2)
+  with open(os.path.join(workdir, "jrt_eval.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, list(dict.fromkeys(k for row in table for k in row)))
+    writer.writeheader()
+    writer.writerows(table)
+  return table
+
+
+def format_jrt_table(table: list[dict]) -> str:
+  groups = [k[:-6] for k in dict.fromkeys(k for row in table for k in row) if k.endswith(" delta")]
+  lines = [f"{'model':<36} {'state B':>9} {'once':>6} {'JRT':>6} {'Δ':>7} "
+           + " ".join(f"{'Δ ' + g:>18}" for g in groups)]
+  for row in table:
+    lines.append(f"{row['model'] + (' (JRT-RNN)' if row['arch'] == 'jrt' else ''):<36} "
+                 f"{row['state_bytes']:>9,} {row['accuracy']:>6.3f} {row['jrt_accuracy']:>6.3f} "
+                 f"{row['delta']:>+7.3f} "
+                 + " ".join(f"{row.get(g + ' delta', float('nan')):>+18.3f}" for g in groups))
+  return "\n".join(lines)

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import jrt_eval
 from experiments import recall_lib
 from experiments.configs import recall as recall_configs
 from recurrent_lm import models
@@ -88,14 +87,14 @@ def test_bad_grid_entries_are_named():
 
 def test_jrt_eval_reads_the_cells_back_and_reports_deltas(swept):
   workdir, table = swept
-  rows = jrt_eval.jrt_table(workdir, repeats=2)
+  rows = recall_lib.jrt_table(workdir, repeats=2)
   assert [r["model"] for r in rows] == [r["model"] for r in table]
   for row, swept_row in zip(rows, table):
     # The restored parameters give the sweep's own test accuracy when read once.
     assert row["accuracy"] == pytest.approx(swept_row["test_accuracy"])
     assert row["delta"] == pytest.approx(row["jrt_accuracy"] - row["accuracy"])
   assert os.path.exists(os.path.join(workdir, "jrt_eval.csv"))
-  assert "JRT-RNN" in jrt_eval.format_table(rows)
+  assert "JRT-RNN" in recall_lib.format_jrt_table(rows)
 
 
 def test_set_disjointness_sweep_reports_accuracy_by_set_order(tmp_path):
@@ -156,7 +155,7 @@ def test_quick_mqar_attention_recalls_and_recurrent_recall_grows_with_state(tmp_
     small, large = rows
     assert large["test_accuracy"] > small["test_accuracy"], (arch, small, large)
   # JRT-Prompt: the recurrent models gain on average from reading the pairs twice.
-  jrt = [row for row in jrt_eval.jrt_table(str(tmp_path)) if row["arch"] not in ("attention",)]
+  jrt = [row for row in recall_lib.jrt_table(str(tmp_path)) if row["arch"] not in ("attention",)]
   assert np.mean([row["delta"] for row in jrt]) > 0, jrt
 
 
