@@ -20,6 +20,7 @@ is exactly what ``recurrent_lm.training.step`` reads::
 
 from __future__ import annotations
 
+import abc
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -95,7 +96,7 @@ def batches_of(examples: Iterable[Mapping[str, np.ndarray]],
   return batch
 
 
-class Source:
+class Source(abc.ABC):
   """A grain random-access source whose example ``i`` is ``draw(i, default_rng([seed, i]))``.
 
   Subclasses define ``draw``; the example then depends on ``(seed, i)`` alone.
@@ -114,8 +115,9 @@ class Source:
       raise IndexError(f"index {index} out of range for {self.num_examples} examples")
     return self.draw(int(index), np.random.default_rng([self.seed, int(index)]))
 
+  @abc.abstractmethod
   def draw(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+    """Example ``index``, drawn from ``rng`` alone."""
 
   def __repr__(self) -> str:
     return (f"{type(self).__name__}({getattr(self, 'config', '')}, "
