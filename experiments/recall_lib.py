@@ -224,6 +224,13 @@ def run_cell(config, workdir: str, model: Model, lr: float, train, val, test) ->
   return result
 
 
+def _identity(plain: dict) -> dict:
+  """What a finished cell's result depends on: everything but the grid and the lrs (which
+  add cells) and the sections of the other tasks."""
+  others = set(GROUPS) - {plain["task"]}
+  return {k: v for k, v in plain.items() if k not in ("grid", "lrs") and k not in others}
+
+
 def check_workdir(config, workdir: str) -> None:
   """Stores the sweep config, or refuses a work directory of a different sweep."""
   os.makedirs(workdir, exist_ok=True)
@@ -232,9 +239,7 @@ def check_workdir(config, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
-    keep = ("grid", "lrs", "steps", "eval_every")   # growing the grid or the budget is resuming
-    if {k: v for k, v in stored.items() if k not in keep} != {
-        k: v for k, v in plain.items() if k not in keep}:
+    if _identity(stored) != _identity(plain):
       raise ValueError(f"--workdir={workdir} holds a sweep of a different task config; "
                        "expected an empty directory or the same config")
   with open(path, "w") as f:

@@ -78,6 +78,18 @@ def test_a_workdir_of_another_sweep_is_refused(swept):
   other.vocab_size = 64
   with pytest.raises(ValueError, match="holds a sweep of a different task config"):
     recall_lib.sweep(other, workdir)
+  longer = _tiny()
+  longer.steps = 8             # finished cells trained 4 steps: not the same sweep
+  with pytest.raises(ValueError, match="holds a sweep of a different task config"):
+    recall_lib.sweep(longer, workdir)
+
+
+def test_another_tasks_settings_do_not_make_a_sweep_different(swept, monkeypatch):
+  workdir, table = swept
+  monkeypatch.setattr(tasks, "fit", lambda *a, **k: pytest.fail("a finished cell was retrained"))
+  config = _tiny()
+  config.set_disjointness.train_examples = 7     # not the MQAR sweep's concern
+  assert recall_lib.sweep(config, workdir) == table
 
 
 def test_bad_grid_entries_are_named():
