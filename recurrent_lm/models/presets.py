@@ -27,7 +27,9 @@ first M = max_len / 2 tokens, the paper's 1024 of 2048).
 train from scratch. ``h3_cpu_small`` is H3's hybrid at CPU size: H3 layers
 (d_state 64, heads of width 1 as in the reference) with softmax attention at
 the second layer, GELU MLPs and LayerNorm as in the H3 LMs. ``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
-Mamba (S6) and xLSTM.
+Mamba (S6) and xLSTM; ``gla_cpu_small`` (GLA layers, 4 heads, SwiGLU MLPs as in
+the GLA paper's LMs) and ``mlstm_cpu_small`` (xLSTM 7B's blocks: mLSTM and
+SwiGLU, no sLSTM) complete Languini-style comparisons of the gated recurrences.
 
 The memory and routing family at CPU size: ``titans_mal_cpu_small`` (Titans
 MAL: neural memory then a 64-token window, alternating),
@@ -61,7 +63,7 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
 FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
 # Further architectures at the CPU size (width 128, 4 heads).
-CPU_FAMILIES = ("mamba", "mamba2", "xlstm", "liger", "h3", "titans_mal", "titans_mag",
+CPU_FAMILIES = ("mamba", "mamba2", "gla", "mlstm", "xlstm", "liger", "h3", "titans_mal", "titans_mag",
                 "titans_mac", "moneta", "yaad", "memora", "moe", "rmoe", "ngram", "hmt")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
@@ -122,6 +124,14 @@ def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
                        layout=(MixerSpec("mamba2", (("d_state", 64), ("head_dim", 32))),),
                        mlp="none", norm="rmsnorm", max_len=max_len)
+  if family == "gla":
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("gla", (("num_heads", 4),)),), mlp="swiglu",
+                       norm="rmsnorm", max_len=max_len)
+  if family == "mlstm":
+    return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
+                       layout=(MixerSpec("mlstm", (("num_heads", 4),)),), mlp="swiglu",
+                       norm="rmsnorm", logit_softcap=30.0, max_len=max_len)
   if family == "mamba":
     return ModelConfig(vocab_size=vocab_size, d_model=128, num_layers=4,
                        layout=(MixerSpec("mamba", (("d_state", 16),)),), mlp="none",

@@ -393,6 +393,27 @@ def _initialise_from(state, source: str, state_sharding):
   return state.replace(params=jax.device_put(params, state_sharding.params))
 
 
+def step_seconds(config: ml_collections.ConfigDict, *, warmup: int = 1, repeats: int = 5,
+                 byte_lengths=None) -> float:
+  """Seconds of one training step of ``config``, Languini's way: the full step
+  (forward, backward, optimizer update) on random tokens of the run's batch
+  shape, on the run's mesh, median of ``repeats`` after compiling and
+  ``warmup`` untimed steps. Every process gets the same figure (process 0's)."""
+  check_config(config)
+  mesh = sharding.make_mesh(**config.mesh.to_dict())
+  if byte_lengths is None:   # what a token's bytes are does not change the step's cost
+    byte_lengths = np.ones(config.data.vocab_size, np.int32)
+  # The schedule's length does not change the step's cost either.
+  _, init_fn, step_fn, _ = _build(config, models.build(model_config(config)), mesh, 1000,
+                                  byte_lengths)
+  seconds = throughput.step_seconds(step_fn, init_fn(),
+                                    _random_batch(config, sharding.batch_sharding(mesh)),
+                                    warmup=1 + warmup, repeats=repeats)
+  if jax.process_count() > 1:   # every process must run the same schedule
+    seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
+  return seconds
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run of ``config`` in ``workdir``; returns its summary.
 
@@ -430,10 +451,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   steps = stored["train"]["steps"] if stored else config.train.steps
   if not steps:
-    _, init_fn, step_fn, _ = build(1000)   # the schedule does not change the step's cost
-    seconds = throughput.step_seconds(step_fn, init_fn(), _random_batch(config, batch_sharding))
-    if jax.process_count() > 1:   # every process must run the same schedule
-      seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
+    seconds = step_seconds(config, byte_lengths=prepared.tokenizer.byte_lengths)
     steps = max(1, int(config.train.time_budget_s / seconds))
     print(f"{seconds * 1e3:.1f} ms per step on random tokens: {steps} steps fit in "
           f"{config.train.time_budget_s:.0f} s", flush=True)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.training.conftest import ENV, REPO
 
-FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger", "mamba2", "h3",
+FAMILIES = ["qlstm", "gpt", "based", "jrt", "mamba", "xlstm", "liger", "mamba2", "gla", "mlstm", "h3",
             "titans_mal", "titans_mag", "titans_mac", "moneta", "yaad", "memora", "moe", "rmoe", "ngram",
             "hmt"]
 

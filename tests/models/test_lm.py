@@ -40,6 +40,10 @@ def _based_small():
 
 
 CONFIGS["based"] = _based_small()
+# The mLSTM preset's blocks (mLSTM + SwiGLU, logits soft-capped) at test size.
+CONFIGS["mlstm"] = models.ModelConfig.from_dict(
+    {**models.presets.get("mlstm_cpu_small", vocab_size=VOCAB).to_dict(), "d_model": 32,
+     "num_layers": 2})
 
 
 def _tokens(seed, batch=BATCH, time=TIME):

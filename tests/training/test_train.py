@@ -205,6 +205,16 @@ def test_a_run_writes_its_config_metrics_tensorboard_and_summary(corpus, tmp_pat
   assert json.loads((workdir / "summary.json").read_text()) == summary
 
 
+def test_a_time_budget_becomes_the_step_count_languini_style(corpus, tmp_path, monkeypatch):
+  config = smoke_config(corpus, steps=0, time_budget_s=0.5, log_every=1, checkpoint_every=100)
+  seconds = training.step_seconds(config, warmup=1, repeats=3)
+  assert 0 < seconds < 5
+  # The run times its step the same way and keeps budget / seconds steps.
+  monkeypatch.setattr(loop, "step_seconds", lambda *args, **kwargs: 0.125)
+  summary = training.train(config, str(tmp_path / "run"))
+  assert summary["steps"] == 4 and training.load_config(str(tmp_path / "run")).train.steps == 4
+
+
 def test_a_workdir_of_another_config_is_refused_and_left_alone(corpus, tmp_path):
   workdir = tmp_path / "run"
   training.train(smoke_config(corpus, steps=2, checkpoint_every=2), str(workdir))
