@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow bench arch-bench recall demo clean
+.PHONY: test test-slow bench arch-bench recall classes throughput demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ RECALL_DIR ?= runs/recall_quick
 recall: $(STAMP)
 	$(PY) -m experiments.recall_sweep --workdir=$(RECALL_DIR)
 	$(PY) -m experiments.jrt_eval --workdir=$(RECALL_DIR)
+
+# Languini-style equal-compute comparison (the cpu preset: six architectures at
+# 6/12/24 class hours of 8 CPU-seconds, about an hour here), then its report;
+# resumes where it stopped.
+CLASSES_DIR ?= runs/classes_cpu
+classes: $(STAMP)
+	$(PY) -m experiments.compute_classes --workdir=$(CLASSES_DIR)
+
+# Training, prefill and decoding throughput and memory against sequence length.
+THROUGHPUT_DIR ?= runs/throughput
+throughput: $(STAMP)
+	$(PY) -m experiments.throughput --out=$(THROUGHPUT_DIR)
 
 # BUDGET: training seconds per model (the demo trains two, then evaluates both).
 BUDGET ?= 180
