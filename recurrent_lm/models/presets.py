@@ -26,8 +26,9 @@ first M = max_len / 2 tokens, the paper's 1024 of 2048).
 :mod:`~recurrent_lm.models.linearize` builds from a trained GPT, here to
 train from scratch. ``h3_cpu_small`` is H3's hybrid at CPU size: H3 layers
 (d_state 64, heads of width 1 as in the reference) with softmax attention at
-the second layer, GELU MLPs and LayerNorm as in the H3 LMs. ``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1]) are CPU sizes of
-Mamba (S6) and xLSTM; ``gla_cpu_small`` (GLA layers, 4 heads, SwiGLU MLPs as in
+the second layer, GELU MLPs and LayerNorm as in the H3 LMs.
+``mamba_cpu_small``, ``mamba2_cpu_small`` and ``xlstm_cpu_small`` (xLSTM[3:1])
+are CPU sizes of Mamba (S6) and xLSTM; ``gla_cpu_small`` (GLA layers, 4 heads, SwiGLU MLPs as in
 the GLA paper's LMs) and ``mlstm_cpu_small`` (xLSTM 7B's blocks: mLSTM and
 SwiGLU, no sLSTM) complete Languini-style comparisons of the gated recurrences.
 
@@ -63,8 +64,9 @@ SIZES: dict[str, tuple[int, int, int]] = {   # layers, width, heads
 FAMILIES = ("gpt", "qlstm")
 BASED_SIZES = ("cpu_small", "360m")
 # Further architectures at the CPU size (width 128, 4 heads).
-CPU_FAMILIES = ("mamba", "mamba2", "gla", "mlstm", "xlstm", "liger", "h3", "titans_mal", "titans_mag",
-                "titans_mac", "moneta", "yaad", "memora", "moe", "rmoe", "ngram", "hmt")
+CPU_FAMILIES = ("mamba", "mamba2", "gla", "mlstm", "xlstm", "liger", "h3", "titans_mal",
+                "titans_mag", "titans_mac", "moneta", "yaad", "memora", "moe", "rmoe", "ngram",
+                "hmt")
 SEQ_LEN = 512          # Languini's training length; the GPT's position table.
 VOCAB_SIZE = 16384     # Languini's sentencepiece vocabulary.
 
@@ -144,7 +146,8 @@ def _cpu_family(family: str, vocab_size: int, max_len: int) -> ModelConfig:
 
 def _based(size: str, vocab_size: int, max_len: int, prefix: bool = False) -> ModelConfig:
   """BASED's layout; with ``prefix`` JRT-RNN's (prefix linear attention)."""
-  d_model, heads, window, num_layers = (128, 4, 64, 5) if size == "cpu_small" else (1024, 16, 256, 27)
+  d_model, heads, window, num_layers = ((128, 4, 64, 5) if size == "cpu_small"
+                                        else (1024, 16, 256, 27))
   conv = MixerSpec("base_conv", (("expand", 4), ("kernel_size", 3)))
   linear = (MixerSpec("jrt", (("feature_dim", 16), ("num_heads", heads),
                               ("prefix_len", max(max_len // 2, 1))))
