@@ -7,7 +7,9 @@ backward, AdamW update) on ``batch_size × seq_len`` random tokens, timed
 after ``--warmup`` steps as the median of ``--repeats``; printed as tokens/s
 with the model FLOPs utilisation against this machine's measured matmul
 throughput, beside the parameter count and the bytes of recurrent state per
-sequence (``models.state_bytes``; KV caches at their capacity).
+sequence (``models.state_bytes``; KV caches at their capacity). The step is
+``experiments/throughput.py``'s train mode (``throughput_lib.train_cell``) at
+one length; that script sweeps the length.
 """
 
 from absl import app
@@ -16,11 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import _cli
+from experiments import throughput_lib
 from recurrent_lm import models
-from recurrent_lm.training import step as step_lib
 from recurrent_lm.training import throughput
 
 _PRESETS = flags.DEFINE_list(
@@ -37,16 +38,16 @@ def step_seconds(config: models.ModelConfig, batch_size: int, seq_len: int, warm
                  repeats: int) -> tuple[float, float, int]:
   """``(median seconds per train step, FLOPs per token, parameter count)``."""
   model = models.build(config)
-  optimizer = optax.adamw(1e-3)
-  state = nn.meta.unbox(step_lib.init_state(model, optimizer, (1, 1), seed=0))
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, config.vocab_size, (batch_size, seq_len + 1), np.int32)
-  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-           "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
-  step = jax.jit(step_lib.make_train_step(model, optimizer))
-  seconds = throughput.step_seconds(step, state, batch, warmup=1 + warmup, repeats=repeats)
-  params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
-  return seconds, throughput.flops_per_token(config, state.params, seq_len), params
+  settings = throughput_lib.Settings(batch_size=batch_size, vocab_size=config.vocab_size,
+                                     warmup=warmup, repeats=repeats,
+                                     memory_limit_gib=float("inf"))
+  seconds = throughput_lib.train_cell(model, tokens, settings)["seconds"]
+  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                        jnp.asarray(tokens[:, :1]))["params"])
+  count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  return seconds, throughput.flops_per_token(config, params, seq_len), count
 
 
 def main(argv):

@@ -242,8 +242,14 @@ def _params(model, tokens):
   return init(tokens[:, :1])
 
 
-def _train(model, tokens, settings: Settings) -> dict:
-  """The train step on ``tokens`` ``[B, T + 1]`` (inputs and shifted targets)."""
+def train_cell(model, tokens, settings: Settings) -> dict:
+  """The full train step (forward, backward, AdamW) of ``model`` on ``tokens``
+  ``[B, T + 1]`` (inputs and shifted targets): compiled, then timed as the median
+  of ``settings.repeats`` after ``settings.warmup`` untimed steps.
+
+  Returns ``{"seconds", "peak_bytes", "status", "cost_s"}`` (only ``peak_bytes``
+  and a ``skipped`` status when the compiled step is over the memory limit).
+  """
   optimizer = optax.adamw(1e-3)
   state = jax.jit(lambda: nn.meta.unbox(step_lib.init_state(model, optimizer, (1, 1), seed=0)))()
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
@@ -335,7 +341,7 @@ def measure(family: str, mode: str, seq_len: int, settings: Settings, device: st
     # Buffers XLA cannot alias (e.g. the step counter) are copied instead: harmless.
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     try:
-      row.update({"train": _train, "prefill": _prefill, "decode": _decode}[mode](
+      row.update({"train": train_cell, "prefill": _prefill, "decode": _decode}[mode](
           model, tokens, settings))
     except jax.errors.JaxRuntimeError as error:
       row["status"] = "failed: " + str(error).strip().splitlines()[0][:200]
