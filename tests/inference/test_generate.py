@@ -92,10 +92,10 @@ def _reference_greedy(model, params, prompt, steps):
 @pytest.mark.parametrize("name", ["qlstm_cpu_tiny", "gpt_cpu_tiny"])
 def test_greedy_generation_equals_rerunning_the_whole_sequence(name):
   model, params = _model(name)
-  prompts = _prompts(4, [5, 9, 1])
-  generated = inference.generate(model, params, prompts, max_new_tokens=8)
+  prompts = _prompts(4, [5, 1])
+  generated = inference.generate(model, params, prompts, max_new_tokens=5)
   for prompt, out in zip(prompts, generated):
-    assert out == _reference_greedy(model, params, prompt, 8)
+    assert out == _reference_greedy(model, params, prompt, 5)
 
 
 def test_a_ragged_batch_equals_each_prompt_alone_and_sampling_follows_its_key():
