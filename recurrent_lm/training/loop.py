@@ -3,7 +3,9 @@
 ``train(config, workdir)`` runs (or resumes) one run. The work directory holds
 everything about it::
 
-    <workdir>/config.json        the resolved config (``evaluate.py`` rebuilds the model from it)
+    <workdir>/config.json        the resolved config (``evaluate.py`` rebuilds the model from it),
+                                 with ``config_version``, the layout of this file
+    <workdir>/tokenizer.model    the run's sentencepiece tokenizer (``generate.py`` reads it)
     <workdir>/checkpoints/<N>/   orbax: train state + grain iterator position
     <workdir>/metrics.jsonl      one JSON line per logged step
     <workdir>/tensorboard/       the same scalars for TensorBoard
@@ -44,11 +46,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import tensorboardX
 import tqdm
 
+import recurrent_lm
 from recurrent_lm import data as data_lib
 from recurrent_lm import models
 from recurrent_lm.training import checkpoint as checkpoint_lib
@@ -58,6 +62,11 @@ from recurrent_lm.training import step as step_lib
 from recurrent_lm.training import throughput
 
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+# The layout of config.json; a stored config without the field is version 1.
+# Raise it when a change makes stored configs unreadable to older code (or
+# the reverse), so that either side says so in one line.
+CONFIG_VERSION = 1
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -159,13 +168,32 @@ def _differences(stored: dict, new: dict) -> list[str]:
   return diffs
 
 
+def _read_stored(path: str) -> dict:
+  """A stored ``config.json`` as plain data, without its ``config_version``.
+
+  Raises:
+    ValueError: the file is not JSON, or is of another ``config_version``.
+  """
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON ({error}); expected the config train.py "
+                     "wrote") from None
+  version = stored.pop("config_version", 1)
+  if version != CONFIG_VERSION:
+    raise ValueError(f"{path} has config_version={version!r}; this recurrent_lm "
+                     f"{recurrent_lm.__version__} reads config_version={CONFIG_VERSION} (the run "
+                     "was written by another release: use that release)")
+  return stored
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config stored in ``workdir``."""
+  """The resolved config stored in ``workdir`` (checked to be of this ``CONFIG_VERSION``)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; expected a work directory of train.py")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(_read_stored(path))
 
 
 def write_json_atomic(path: str, payload) -> None:
@@ -174,6 +202,24 @@ def write_json_atomic(path: str, payload) -> None:
     json.dump(payload, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(f.name, path)
+
+
+def _keep_tokenizer(source: str, target: str) -> None:
+  """Copies the run's tokenizer into its work directory (atomically), so the
+  run can be read without the data cache; a resumed run must find the same."""
+  with open(source, "rb") as f:
+    model = f.read()
+  if os.path.exists(target):
+    with open(target, "rb") as f:
+      if f.read() != model:
+        raise ValueError(f"{target} differs from the data cache's tokenizer {source} (the "
+                         "cache was rebuilt since the run started); expected the same "
+                         "tokenizer to resume: use a new --workdir")
+    return
+  with tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(target), delete=False,
+                                   suffix=".tmp") as f:
+    f.write(model)
+  os.replace(f.name, target)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -342,15 +388,29 @@ def _abstract(init_fn, state_sharding):
       jax.eval_shape(init_fn), state_sharding)
 
 
-def restore_state(workdir: str):
+def restore_mesh(config, devices=None) -> Mesh:
+  """The mesh a run restores onto here: its own axes (``config.mesh``) when they
+  fit the devices, else every device on the ``data`` axis (printed)."""
+  try:
+    return sharding.make_mesh(**config.mesh.to_dict(), devices=devices)
+  except ValueError as error:
+    mesh = sharding.make_mesh(devices=devices)
+    print(f"the run's mesh does not fit here ({error}); restoring onto "
+          f"{dict(mesh.shape)}", flush=True)
+    return mesh
+
+
+def restore_state(workdir: str, mesh: Mesh | None = None):
   """``(config, TrainState)`` of the newest readable checkpoint of a run.
 
-  The model and optimizer are rebuilt from ``<workdir>/config.json`` alone;
-  the arrays land on a mesh of all local devices laid out by the rules.
+  The model and optimizer are rebuilt from ``<workdir>/config.json`` alone.
+  The arrays are resharded onto ``mesh`` by the rules, whatever mesh or
+  device count wrote them (orbax reads each shard's slice of the stored
+  arrays); ``mesh`` None is :func:`restore_mesh`.
   """
   config = load_config(workdir)
   model = models.build(model_config(config))
-  mesh = sharding.make_mesh(**config.mesh.to_dict())
+  mesh = restore_mesh(config) if mesh is None else mesh
   _, init_fn, _, state_sharding = _build(config, model, mesh, config.train.steps)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                              keep=config.train.keep_checkpoints)
@@ -427,8 +487,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_path = os.path.join(workdir, CONFIG_FILE)
   stored = None
   if os.path.exists(config_path):
-    with open(config_path) as f:
-      stored = json.load(f)
+    stored = _read_stored(config_path)
     diffs = _differences(stored, _plain(config))
     if diffs:
       raise ValueError(f"workdir {workdir} holds a run of a different config "
@@ -461,7 +520,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   lead = jax.process_index() == 0    # one process writes the run's files
   if stored is None and lead:
     os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(config_path, resolved)
+    write_json_atomic(config_path, {"config_version": CONFIG_VERSION, **resolved})
+  if lead:
+    _keep_tokenizer(prepared.tokenizer_path, os.path.join(workdir, TOKENIZER_FILE))
 
   train_iter = iter(data_lib.lm_dataset(prepared.shards["train"], seq_len=config.data.seq_len,
                                         batch_size=config.data.batch_size,

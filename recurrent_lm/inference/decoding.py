@@ -63,15 +63,18 @@ def max_context(config) -> int | None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _prefill(model, params, tokens, segment_ids, key, sampling):
-  """Reads the padded prompts; ``([B] first generated tokens, state)``."""
+def prefill(model, params, tokens, segment_ids, key, sampling=GREEDY):
+  """Reads the padded prompts ``tokens`` ``[B, L]`` (:func:`pad_prompts`) with the
+  chunked forms; ``([B] first generated tokens, state)``. Jitted; ``model`` and
+  ``sampling`` are static."""
   logits, state = model.apply({"params": params}, tokens, segment_ids=segment_ids)
   return sample(logits[:, -1], key, sampling), state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
-def _decode(model, params, state, tokens, key, sampling):
-  """Reads ``tokens`` ``[B]`` and samples the next: ``([B] tokens, state)``."""
+def decode_step(model, params, state, tokens, key, sampling=GREEDY):
+  """Reads ``tokens`` ``[B]`` after ``state`` and samples the next: ``([B] tokens,
+  state)``. Jitted; ``state`` is donated (its buffers are reused in place)."""
   segment_ids = jnp.full((tokens.shape[0], 1), PROMPT_SEGMENT, jnp.int32)
   logits, state = model.apply({"params": params}, tokens[:, None], state,
                               segment_ids=segment_ids)
@@ -121,7 +124,7 @@ def stream(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
   key = jax.random.key(0) if key is None else key    # greedy: never used
   stops = np.asarray(list(stop_tokens), np.int32)
   key, draw = jax.random.split(key)
-  new, state = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(segment_ids), draw,
+  new, state = prefill(model, params, jnp.asarray(tokens), jnp.asarray(segment_ids), draw,
                         sampling)
   active = np.ones(tokens.shape[0], bool)
   for position in range(max_new_tokens):
@@ -131,7 +134,7 @@ def stream(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     if not active.any() or position + 1 == max_new_tokens:
       return
     key, draw = jax.random.split(key)
-    new, state = _decode(model, params, state, new, draw, sampling)
+    new, state = decode_step(model, params, state, new, draw, sampling)
 
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
