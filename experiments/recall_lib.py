@@ -118,13 +118,14 @@ def max_len(config) -> int:
 
 # Per-example fields each task's accuracy is broken down by (the first is plotted).
 GROUPS = {"mqar": ("num_kv_pairs", "seq_len"), "set_disjointness": ("set_order", "size_a"),
-          "icll": ("num_states",)}
+          "icll": ("num_states",), "passkey": ("length", "depth_index")}
 
 
 @functools.lru_cache(maxsize=64)
-def _predictor(model_cfg):
+def _predictor(model_cfg, token_offset: int = 0, num_classes: int | None = None):
   """The jitted greedy predictor of a model config, built once per config."""
-  return recall.make_predict(models.build(model_cfg))
+  return recall.make_predict(models.build(model_cfg), token_offset=token_offset,
+                             num_classes=num_classes)
 
 
 def _padded_len(source, jrt_repeats: int) -> int:
@@ -132,17 +133,20 @@ def _padded_len(source, jrt_repeats: int) -> int:
   return max(e["inputs"].size + (jrt_repeats - 1) * int(e["context_len"]) for e in source.examples)
 
 
-def evaluate(config, model_cfg, params, test_sources, jrt_repeats: int = 1) -> dict:
+def evaluate(config, model_cfg, params, test_sources, jrt_repeats: int = 1,
+             token_offset: int = 0, num_classes: int | None = None) -> dict:
   """Test accuracy overall and per group (``GROUPS``), each setting with its own context.
 
   ``accuracy`` is the task's metric: token accuracy at the labelled positions,
   except for ICLL, where it is the DFA acceptance of the greedy next token
   (``icll.acceptance_accuracy``, per group too; the token accuracy is then
-  ``token_accuracy``).
+  ``token_accuracy``). ``token_offset`` and ``num_classes`` read the task's
+  ids inside a larger vocabulary (``recall.make_predict``).
   """
   predicted, accepted = [], []
   for source in test_sources:
-    predict = _predictor(tasks.for_context(model_cfg, tasks.context_len(source) * jrt_repeats))
+    predict = _predictor(tasks.for_context(model_cfg, tasks.context_len(source) * jrt_repeats),
+                         token_offset, num_classes)
     for batch in synthetic.task_dataset(source, batch_size=config.batch_size, num_epochs=1,
                                         shuffle=False, jrt_repeats=jrt_repeats,
                                         seq_len=_padded_len(source, jrt_repeats)):

@@ -23,11 +23,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def make_predict(model):
-  """``predict(params, batch) -> [B, L] int32`` greedy tokens, jitted (one compile per shape)."""
+def make_predict(model, *, token_offset: int = 0, num_classes: int | None = None):
+  """``predict(params, batch) -> [B, L] int32`` greedy tokens, jitted (one compile per shape).
+
+  A task of its own vocabulary ``[0, C)`` can be read by a model of a larger
+  one (a language model evaluated zero-shot): task id ``t`` is fed as model
+  id ``t + token_offset`` (e.g. past the tokenizer's pad, unk and eod), and
+  the prediction is the argmax over the ``C = num_classes`` model ids
+  ``[token_offset, token_offset + C)``, as a task id::
+
+      predictions = argmax_{c < C} logits(inputs + offset)[..., offset + c]
+
+  The defaults (0, None) are the plain argmax over the model's vocabulary.
+  """
+  vocab = model.config.vocab_size
+  num_classes = vocab - token_offset if num_classes is None else num_classes
+  if token_offset < 0 or num_classes < 1 or token_offset + num_classes > vocab:
+    raise ValueError(f"task ids [0, {num_classes}) at offset {token_offset} do not fit the "
+                     f"model's vocabulary of {vocab}; expected offset + classes <= {vocab}")
+
   @jax.jit
   def predict(params, inputs, segment_ids):
-    logits, _ = model.apply({"params": params}, inputs, segment_ids=segment_ids)
+    logits, _ = model.apply({"params": params}, inputs + token_offset, segment_ids=segment_ids)
+    logits = logits[..., token_offset:token_offset + num_classes]
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return lambda params, batch: np.asarray(predict(params, batch["inputs"], batch["segment_ids"]))
 

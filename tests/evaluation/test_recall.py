@@ -58,3 +58,25 @@ def test_perfect_predictions_score_one_and_padding_is_never_scored():
   padded["loss_mask"][:, 40:] = 1             # padding (segment 0) stays unscored regardless
   result = recall.accuracy([(padded, padded["targets"])])
   assert result == {"accuracy": 1.0, "example_accuracy": 1.0, "scored": 5 * 4 + 8, "examples": 6}
+
+
+def test_make_predict_reads_task_ids_at_an_offset_and_argmaxes_over_the_task_vocabulary():
+  """A model of vocabulary 64 reads a task of 20 ids at offset 3: predictions are
+  the argmax over model ids 3…22, as task ids, from the shifted inputs."""
+  import jax
+  from recurrent_lm import models
+  model = models.LanguageModel(models.presets.get("qlstm_cpu_tiny", vocab_size=64))
+  rng = np.random.default_rng()
+  inputs = rng.integers(0, 20, (2, 12)).astype(np.int32)
+  batch = {"inputs": inputs, "segment_ids": np.ones_like(inputs)}
+  params = model.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), inputs[:, :1])["params"]
+  got = recall.make_predict(model, token_offset=3, num_classes=20)(params, batch)
+  logits, _ = model.apply({"params": params}, inputs + 3, segment_ids=batch["segment_ids"])
+  np.testing.assert_array_equal(got, np.asarray(logits)[..., 3:23].argmax(-1))
+  assert got.min() >= 0 and got.max() < 20
+  plain = recall.make_predict(model)(params, batch)
+  full, _ = model.apply({"params": params}, inputs, segment_ids=batch["segment_ids"])
+  np.testing.assert_array_equal(plain, np.asarray(full).argmax(-1))
+  with pytest.raises(ValueError, match=r"task ids \[0, 62\) at offset 3 do not fit the model's "
+                     "vocabulary of 64"):
+    recall.make_predict(model, token_offset=3, num_classes=62)
