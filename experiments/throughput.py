@@ -24,6 +24,16 @@ settings, so an interrupted sweep resumes), ``throughput.png``,
 ``decode_latency.png``, ``memory.png`` and ``crossovers.json`` (the lengths
 where each recurrent model's training and prefill tokens/s overtake the GPT's,
 and the decode latency at the longest vs the shortest context).
+
+``--modes=long_decode`` (not among the default modes; it may be given with
+them) decodes ``--long_decode_tokens`` tokens of ``--long_decode_preset``
+after a 16-token prompt and samples, every ``--long_decode_every`` tokens,
+the seconds, the process's resident memory, the device's ``bytes_in_use``
+(blank where the device reports none) and the state's bytes into
+``long_decode.csv``; the RSS growth is the last sample minus the first::
+
+    python -m experiments.throughput --modes=long_decode --out=runs/long_decode
+
 Bad input ends the program with one line on stderr and exit status 2.
 """
 
@@ -41,7 +51,9 @@ _PRESETS = flags.DEFINE_list(
 _LENGTHS = flags.DEFINE_list(
     "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384", "32768"],
     "Sequence lengths T (tokens per row; the context length of decode).")
-_MODES = flags.DEFINE_list("modes", list(lib.MODES), "Some of train, prefill, decode.")
+_MODES = flags.DEFINE_list(
+    "modes", list(lib.MODES),
+    "Some of train, prefill, decode, and long_decode (memory over one long generation).")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Rows per step.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
@@ -53,8 +65,18 @@ _MEMORY_LIMIT = flags.DEFINE_float(
 _TIME_LIMIT = flags.DEFINE_float(
     "time_limit_s", 30.0, "Longer lengths of a (preset, mode) are skipped once one of its "
     "calls took longer than this.")
+_LONG_TOKENS = flags.DEFINE_integer(
+    "long_decode_tokens", 100_000, "long_decode: tokens decoded after the prompt.")
+_LONG_EVERY = flags.DEFINE_integer(
+    "long_decode_every", 10_000, "long_decode: tokens between memory samples.")
+_LONG_PRESET = flags.DEFINE_string(
+    "long_decode_preset", lib.LONG_DECODE_PRESET, "long_decode: the model preset decoded.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; its CSV is resumed).",
                            required=True)
+
+
+def _print(line: str) -> None:
+  print(line, flush=True)
 
 
 def main(argv):
@@ -70,13 +92,21 @@ def main(argv):
       repeats=_REPEATS.value, decode_tokens=_DECODE_TOKENS.value,
       memory_limit_gib=_MEMORY_LIMIT.value, time_limit_s=_TIME_LIMIT.value)
   try:
-    lib.check_settings(lib.families_with_reference(_PRESETS.value), lengths, _MODES.value,
-                       settings)
-    lib.read_rows(os.path.join(_OUT.value, lib.CSV_NAME))
+    modes, long_decode = lib.split_modes(_MODES.value)
+    if modes:
+      lib.check_settings(lib.families_with_reference(_PRESETS.value), lengths, modes,
+                         settings)
+      lib.read_rows(os.path.join(_OUT.value, lib.CSV_NAME))
+    if long_decode:
+      lib.check_long_decode(_LONG_PRESET.value, _LONG_TOKENS.value, _LONG_EVERY.value,
+                            _BATCH.value, _VOCAB.value)
   except ValueError as error:
     _cli.fail("throughput.py", error, 2)
-  lib.run(_PRESETS.value, lengths, _MODES.value, settings, _OUT.value,
-          print_fn=lambda line: print(line, flush=True))
+  if modes:
+    lib.run(_PRESETS.value, lengths, modes, settings, _OUT.value, print_fn=_print)
+  if long_decode:
+    lib.long_decode(_LONG_PRESET.value, _LONG_TOKENS.value, _LONG_EVERY.value, _OUT.value,
+                    batch_size=_BATCH.value, vocab_size=_VOCAB.value, print_fn=_print)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ to the reference Transformer ``gpt_cpu_small``, at every length ``T``, in three 
   ``[B, T]`` random tokens; ``seconds`` per step, tokens/s ``= B·T / seconds``.
 - ``prefill``: the forward pass over ``[B, T]`` tokens from a fresh state,
   returning the logits ``[B, T, V]`` and the state; tokens/s ``= B·T / seconds``.
-- ``decode``: after an (untimed) prefill of a ``T``-token context, single-token
-  steps ``(params, token [B, 1], state) -> (argmax token [B, 1], state)``;
+- ``decode``: after an (untimed) ``inference.prefill`` of a ``T``-token context,
+  greedy single-token steps of ``inference.decode_step``
+  ``(params, state, token [B]) -> (next token [B], state)``;
   ``seconds`` per token (the median), tokens/s ``= B / seconds``.
 
 The model of a cell is its preset at ``max_len`` = the tokens it must hold:
@@ -24,6 +25,12 @@ its per-token cost grows with the context, while a recurrent state does not.
 
 read before running: a cell whose peak is over the memory limit is not run.
 ``state_bytes`` is ``models.state_bytes(config, B)``: KV caches at capacity.
+
+``long_decode`` (not a mode of the sweep) decodes ``N`` tokens (100,000 by
+default) from one preset after a short prompt and samples, every ``every``
+tokens, the elapsed seconds, the process's resident memory (RSS), the
+device's ``bytes_in_use`` where it reports one, and the state's bytes: a
+recurrent state of fixed size should keep all of them but the time flat.
 
 A crossover length is where a recurrent model's tokens/s overtakes the GPT's:
 with ``r(T) = tokens/s(T) / tokens/s_gpt(T)`` at the lengths both were
@@ -47,8 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import psutil
 
 from experiments import _tables
+from recurrent_lm import inference
 from recurrent_lm import models
 from recurrent_lm import training
 from recurrent_lm.training import step as step_lib
@@ -282,35 +291,42 @@ def _prefill(model, tokens, settings: Settings) -> dict:
 
 
 def _decode(model, tokens, settings: Settings) -> dict:
-  """Prefill ``tokens[:, :T]`` (untimed, but its wall time is the cell's cost),
-  then single-token greedy steps ``[B, 1] -> [B, 1]`` carrying the state."""
+  """Prefill ``tokens[:, :T]`` with ``inference.prefill`` (untimed, but its wall
+  time is the cell's cost), then time ``inference.decode_step``: single greedy
+  tokens ``[B] -> [B]`` carrying the (donated) state.
+
+  Both are compiled ahead of the run with the arguments they are then called
+  with, so the calls reuse those executables, and XLA's peak memory is read
+  from them first: over the memory limit, nothing runs.
+
+  Returns ``{"seconds", "peak_bytes", "status", "cost_s"}``: the median
+  seconds per token and the decode step's peak (only ``peak_bytes`` and a
+  ``skipped`` status, the larger of both peaks, when over the limit).
+  """
   context = jnp.asarray(tokens[:, :-1])
+  segment_ids = jnp.full(context.shape, inference.PROMPT_SEGMENT, jnp.int32)
   params = _params(model, context)
-
-  def prefill(p, x):
-    logits, state = model.apply({"params": p}, x)
-    return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), state
-
-  def step(p, token, state):
-    logits, state = model.apply({"params": p}, token, state=state)
-    return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), state
-
-  token, state = jax.eval_shape(prefill, params, context)
-  prefill, prefill_peak = _compile(jax.jit(prefill), params, context)
-  step, peak = _compile(jax.jit(step, donate_argnums=2), params, token, state)
+  key, sampling = jax.random.key(0), inference.GREEDY     # greedy: the key is unused
+  token, state = jax.eval_shape(inference.prefill, model, params, context, segment_ids, key,
+                                sampling)
+  _, prefill_peak = _compile(inference.prefill, model, params, context, segment_ids, key,
+                             sampling)
+  _, peak = _compile(inference.decode_step, model, params, state, token, key, sampling)
   status = _skip(max(peak, prefill_peak), settings)
   if status:
     return {"peak_bytes": max(peak, prefill_peak), "status": status}
   start = time.perf_counter()
-  token, state = jax.block_until_ready(prefill(params, context))
+  token, state = jax.block_until_ready(
+      inference.prefill(model, params, context, segment_ids, key, sampling))
   prefill_seconds = time.perf_counter() - start
   for _ in range(settings.warmup):
-    token, state = step(params, token, state)
+    token, state = inference.decode_step(model, params, state, token, key, sampling)
   jax.block_until_ready((token, state))
   times = []
   for _ in range(settings.decode_tokens):
     start = time.perf_counter()
-    token, state = jax.block_until_ready(step(params, token, state))
+    token, state = jax.block_until_ready(
+        inference.decode_step(model, params, state, token, key, sampling))
     times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
   return {"seconds": seconds, "peak_bytes": peak, "status": OK,
@@ -545,3 +561,150 @@ def run(families: Sequence[str], lengths: Sequence[int], modes: Sequence[str],
                              {"device": device, "batch_size": settings.batch_size,
                               "vocab_size": settings.vocab_size, "lengths": lengths, **summary})
   return {"rows": rows, "measured": measured, "reused": reused, "summary": summary}
+
+
+# ---------------------------------------------------------------------------
+# Long decode: memory over a long generation.
+
+LONG_DECODE = "long_decode"
+LONG_DECODE_PRESET = "qlstm_cpu_small"
+LONG_DECODE_CSV = "long_decode.csv"
+LONG_DECODE_FIELDS = ("device", "preset", "tokens", "seconds", "ms_per_token", "rss_bytes",
+                      "device_bytes_in_use", "state_bytes")
+PROMPT_LEN = 16
+_MIB = 2 ** 20
+
+
+def split_modes(modes: Sequence[str]) -> tuple[list[str], bool]:
+  """``(modes of the sweep in MODES order, whether long_decode is asked for)``;
+  raises ``ValueError`` with one line on an unknown mode."""
+  if not modes or any(m not in MODES + (LONG_DECODE,) for m in modes):
+    raise ValueError(f"modes={list(modes)}; expected some of "
+                     f"{', '.join(MODES + (LONG_DECODE,))}")
+  return [m for m in MODES if m in modes], LONG_DECODE in modes
+
+
+def check_long_decode(preset: str, tokens: int, every: int, batch_size: int = 1,
+                      vocab_size: int = 4096, prompt_len: int = PROMPT_LEN) -> None:
+  """Raises ``ValueError`` with one line naming the first bad value of :func:`long_decode`."""
+  if preset not in models.presets.names():
+    raise ValueError(f"unknown long_decode_preset {preset!r}; expected a preset name such as "
+                     f"{LONG_DECODE_PRESET} (models.presets.names())")
+  if not isinstance(every, int) or every < 1:
+    raise ValueError(f"long_decode_every={every!r}; expected a positive int "
+                     "(decoded tokens between samples)")
+  if not isinstance(tokens, int) or tokens < every:
+    raise ValueError(f"long_decode_tokens={tokens!r}; expected an int >= "
+                     f"long_decode_every={every} (one sample at least)")
+  for name, value in (("batch_size", batch_size), ("vocab_size", vocab_size),
+                      ("prompt_len", prompt_len)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r}; expected a positive int")
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays of ``tree`` (the sum of their ``nbytes``)."""
+  return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(tree))
+
+
+def _device_bytes_in_use() -> int | None:
+  """``bytes_in_use`` of the first device's allocator; None where it reports
+  none (the CPU backend's ``memory_stats()`` is None)."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("bytes_in_use")
+
+
+def rss_growth_mib(rows: Sequence[Mapping]) -> float | None:
+  """Resident memory of the last sample minus the first's (MiB); None with one
+  sample. The first sample comes after ``every`` tokens, past the warm-up."""
+  if len(rows) < 2:
+    return None
+  return (float(rows[-1]["rss_bytes"]) - float(rows[0]["rss_bytes"])) / _MIB
+
+
+def _format_long_row(row: Mapping) -> str:
+  in_use = row["device_bytes_in_use"]
+  device_mib = "-" if in_use in (None, "") else f"{float(in_use) / _MIB:,.1f}"
+  return (f"{row['tokens']:>9,} {row['seconds']:>9.2f} {row['ms_per_token']:>9.3f} "
+          f"{row['rss_bytes'] / _MIB:>9.1f} {device_mib:>10} {row['state_bytes']:>12,}")
+
+
+def long_decode(preset: str = LONG_DECODE_PRESET, tokens: int = 100_000, every: int = 10_000,
+                out: str | None = None, *, batch_size: int = 1, vocab_size: int = 4096,
+                prompt_len: int = PROMPT_LEN,
+                print_fn: Callable[[str], None] = print) -> list[dict]:
+  """Decodes ``tokens`` greedy tokens of ``preset`` after a random prompt and
+  samples the memory every ``every`` tokens.
+
+  ``inference.prefill`` reads the prompt ``[B, prompt_len]``, then
+  ``inference.decode_step`` is called ``tokens`` times, each token read back to
+  the host as a streaming generator would; only their count is kept. The
+  decode step is compiled before the clock starts. The model's ``max_len`` is
+  ``prompt_len + tokens`` (the capacity a GPT's KV cache would need).
+
+  Args:
+    preset: a name of ``models.presets.names()``.
+    tokens: decode steps in all (≥ ``every``).
+    every: decode steps between samples (≥ 1); the last step is sampled too.
+    out: the directory of ``long_decode.csv`` (rewritten after every sample);
+      None writes nothing.
+    batch_size: rows ``B`` decoded together.
+    vocab_size: the model's vocabulary.
+    prompt_len: tokens of the random prompt.
+    print_fn: where the table goes.
+
+  Returns:
+    One dict per sample (``LONG_DECODE_FIELDS``): ``tokens`` decoded so far,
+    ``seconds`` since decoding began, ``ms_per_token`` over the last interval,
+    ``rss_bytes`` of this process, ``device_bytes_in_use`` (None where the
+    device reports none) and ``state_bytes``, the nbytes of the state's leaves.
+  """
+  check_long_decode(preset, tokens, every, batch_size, vocab_size, prompt_len)
+  config = models.presets.get(preset, vocab_size=vocab_size, max_len=prompt_len + tokens)
+  model = models.build(config)
+  rng = np.random.default_rng(0)
+  prompt = jnp.asarray(rng.integers(0, vocab_size, (batch_size, prompt_len), np.int32))
+  segment_ids = jnp.full(prompt.shape, inference.PROMPT_SEGMENT, jnp.int32)
+  params = _params(model, prompt)
+  key, sampling = jax.random.key(0), inference.GREEDY     # greedy: the key is unused
+  token, state = jax.block_until_ready(
+      inference.prefill(model, params, prompt, segment_ids, key, sampling))
+  # Compiled here, so that the first call below reuses it instead of compiling.
+  inference.decode_step.lower(model, params, state, token, key, sampling).compile()
+  device = jax.devices()[0].device_kind
+  csv_path = None if out is None else os.path.join(out, LONG_DECODE_CSV)
+  process = psutil.Process()
+  print_fn(f"\nlong decode: {preset}, {tokens:,} tokens after a {prompt_len}-token prompt, "
+           f"batch {batch_size}, vocab {vocab_size}, on {device}; "
+           f"RSS before decoding {process.memory_info().rss / _MIB:,.1f} MiB")
+  print_fn(f"{'tokens':>9} {'seconds':>9} {'ms/token':>9} {'RSS MiB':>9} {'device MiB':>10} "
+           f"{'state bytes':>12}")
+  rows: list[dict] = []
+  decoded, previous = 0, (0, 0.0)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    start = time.perf_counter()
+    while decoded < tokens:
+      token, state = inference.decode_step(model, params, state, token, key, sampling)
+      np.asarray(token)          # read back (and waited for); not kept
+      decoded += 1
+      if decoded % every and decoded != tokens:
+        continue
+      seconds = time.perf_counter() - start
+      row = {"device": device, "preset": preset, "tokens": decoded, "seconds": seconds,
+             "ms_per_token": 1e3 * (seconds - previous[1]) / (decoded - previous[0]),
+             "rss_bytes": process.memory_info().rss,
+             "device_bytes_in_use": _device_bytes_in_use(), "state_bytes": tree_bytes(state)}
+      rows.append(row)
+      previous = (decoded, seconds)
+      if csv_path is not None:
+        _tables.write_csv(csv_path, rows, LONG_DECODE_FIELDS)
+      print_fn(_format_long_row(row))
+  growth = rss_growth_mib(rows)
+  sizes = sorted({r["state_bytes"] for r in rows})
+  print_fn("rss growth " + ("- (one sample)" if growth is None else
+                            f"{growth:+,.1f} MiB from {rows[0]['tokens']:,} to "
+                            f"{rows[-1]['tokens']:,} tokens (last - first sample)")
+           + "; state bytes " + (f"constant at {sizes[0]:,}" if len(sizes) == 1 else
+                                 f"varied: {', '.join(f'{b:,}' for b in sizes)}"))
+  return rows

@@ -1,4 +1,5 @@
-"""experiments/throughput.py: crossovers, the resumable CSV, the limits, and tiny sweeps.
+"""experiments/throughput.py: crossovers, the resumable CSV, the limits, tiny sweeps
+and the long decode's memory samples.
 
 The script's flags would collide with other experiment scripts' in one pytest
 process, so it runs in a subprocess; its logic is tested through
@@ -16,6 +17,7 @@ import types
 import pytest
 
 from experiments import throughput_lib as lib
+from recurrent_lm import models
 from tests.training.conftest import ENV, REPO
 
 _TINY = ["--presets=qlstm", "--decode_tokens=2", "--repeats=1", "--warmup=1", "--vocab_size=64"]
@@ -138,6 +140,25 @@ def test_the_reference_gpt_comes_first_and_once():
   assert lib.families_with_reference(["mamba2"]) == ["gpt", "mamba2"]
 
 
+def test_the_script_modes_are_the_sweep_modes_and_long_decode():
+  assert lib.split_modes(list(lib.MODES)) == (list(lib.MODES), False)
+  assert lib.split_modes(["long_decode", "decode"]) == (["decode"], True)
+  assert lib.LONG_DECODE not in lib.MODES      # not part of the default sweep
+  with pytest.raises(ValueError, match=r"modes=\['generate'\]; expected .*long_decode"):
+    lib.split_modes(["generate"])
+
+
+def test_a_decode_cell_times_the_library_decode_step():
+  settings = lib.Settings(vocab_size=64, warmup=1, decode_tokens=3)
+  row = lib.measure("qlstm", "decode", 8, settings, "cpu")
+  assert row["status"] == "ok", row
+  assert row["tokens_per_s"] == pytest.approx(1 / row["seconds"])
+  assert row["peak_bytes"] > row["state_bytes"] > 0
+  tight = lib.Settings(vocab_size=64, memory_limit_gib=1e-9)
+  skipped = lib.measure("qlstm", "decode", 8, tight, "cpu")
+  assert skipped["status"].startswith("skipped: needs") and "seconds" not in skipped
+
+
 def test_a_train_cell_times_the_full_step_and_reads_its_peak_memory():
   settings = lib.Settings(vocab_size=64, warmup=1, repeats=1)
   row = lib.measure("qlstm", "train", 8, settings, "cpu")
@@ -214,3 +235,65 @@ def test_an_unknown_family_ends_with_one_line_and_status_2(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1, result.stderr
   assert "unknown preset family 'lstm'" in lines[0]
+
+
+# ---------------------------------------------------------------------------
+# Long decode.
+
+
+def test_long_decode_samples_every_n_tokens_with_a_constant_state(tmp_path):
+  lines = []
+  rows = lib.long_decode("qlstm_cpu_tiny", 300, 100, str(tmp_path), vocab_size=64,
+                         print_fn=lines.append)
+  assert [r["tokens"] for r in rows] == [100, 200, 300]
+  config = models.presets.get("qlstm_cpu_tiny", vocab_size=64, max_len=lib.PROMPT_LEN + 300)
+  assert {r["state_bytes"] for r in rows} == {models.state_bytes(config, 1)}
+  assert 0 < rows[0]["seconds"] < rows[1]["seconds"] < rows[2]["seconds"]
+  assert all(r["rss_bytes"] > 0 and r["ms_per_token"] > 0 for r in rows)
+  with open(tmp_path / lib.LONG_DECODE_CSV, newline="") as f:
+    stored = list(csv.DictReader(f))
+  assert list(stored[0]) == list(lib.LONG_DECODE_FIELDS)
+  assert [int(r["tokens"]) for r in stored] == [100, 200, 300]
+  assert [int(r["rss_bytes"]) for r in stored] == [r["rss_bytes"] for r in rows]
+  for row, saved in zip(rows, stored):   # blank where the device reports no bytes_in_use
+    in_use = row["device_bytes_in_use"]
+    assert saved["device_bytes_in_use"] == ("" if in_use is None else str(in_use))
+  assert lib.rss_growth_mib(rows) == pytest.approx(
+      (rows[-1]["rss_bytes"] - rows[0]["rss_bytes"]) / 2 ** 20)
+  assert any(line.startswith("rss growth") and "constant" in line for line in lines), lines
+
+
+def test_long_decode_samples_the_last_token_when_every_does_not_divide_it():
+  rows = lib.long_decode("qlstm_cpu_tiny", 25, 10, None, vocab_size=64, print_fn=lambda _: None)
+  assert [r["tokens"] for r in rows] == [10, 20, 25]
+  assert lib.rss_growth_mib(rows[:1]) is None
+
+
+@pytest.mark.parametrize("preset, tokens, every, message", [
+    ("qlstm_cpu_tiny", 100, 0, "long_decode_every=0; expected a positive int"),
+    ("qlstm_cpu_tiny", 50, 100, "long_decode_tokens=50; expected an int >= long_decode_every=100"),
+    ("lstm_cpu_tiny", 100, 10, "unknown long_decode_preset 'lstm_cpu_tiny'"),
+])
+def test_long_decode_names_the_bad_value_in_one_line(preset, tokens, every, message):
+  with pytest.raises(ValueError) as error:
+    lib.long_decode(preset, tokens, every, None)
+  assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_script_runs_long_decode_alone(tmp_path):
+  result = _run(tmp_path, "--modes=long_decode", "--long_decode_preset=qlstm_cpu_tiny",
+                "--long_decode_tokens=20", "--long_decode_every=10")
+  with open(tmp_path / lib.LONG_DECODE_CSV, newline="") as f:
+    assert [r["tokens"] for r in csv.DictReader(f)] == ["10", "20"]
+  assert not os.path.exists(tmp_path / lib.CSV_NAME)     # no sweep
+  assert "rss growth" in result.stdout
+
+
+def test_bad_long_decode_flags_end_with_one_line_and_status_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.throughput", f"--out={tmp_path}",
+       "--modes=long_decode", "--long_decode_tokens=5", "--long_decode_every=10"],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr
+  assert "long_decode_tokens=5; expected an int >= long_decode_every=10" in lines[0]
