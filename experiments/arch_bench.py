@@ -14,9 +14,7 @@ one length; that script sweeps the length.
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import _cli
@@ -44,10 +42,8 @@ def step_seconds(config: models.ModelConfig, batch_size: int, seq_len: int, warm
                                      warmup=warmup, repeats=repeats,
                                      memory_limit_gib=float("inf"))
   seconds = throughput_lib.train_cell(model, tokens, settings)["seconds"]
-  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                        jnp.asarray(tokens[:, :1]))["params"])
-  count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  return seconds, throughput.flops_per_token(config, params, seq_len), count
+  count, flops = throughput.model_cost(config, seq_len)
+  return seconds, flops, count
 
 
 def main(argv):

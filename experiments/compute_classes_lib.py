@@ -30,14 +30,12 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from experiments import _tables
 from experiments import evaluate_lib
 from experiments.configs import common
-from recurrent_lm import models
 from recurrent_lm import training
 from recurrent_lm.models import presets
 from recurrent_lm.training import throughput
@@ -161,15 +159,10 @@ def throughput_row(sweep: ml_collections.ConfigDict, preset: str, csv_path: str,
   config = run_config(sweep, preset, 1000)
   seconds = training.step_seconds(config, warmup=sweep.throughput.warmup,
                                   repeats=sweep.throughput.repeats)
-  model_config = training.model_config(config)
-  params = jax.eval_shape(models.build(model_config).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 1), jnp.int32))["params"]
-  params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                  is_leaf=lambda x: hasattr(x, "value"))
+  params, flops = throughput.model_cost(training.model_config(config), sweep.data.seq_len)
   row = {**key, "seconds_per_step": seconds,
          "tokens_per_s": sweep.data.batch_size * sweep.data.seq_len / seconds,
-         "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
-         "flops_per_token": throughput.flops_per_token(model_config, params, sweep.data.seq_len),
+         "params": params, "flops_per_token": flops,
          "warmup": sweep.throughput.warmup, "repeats": sweep.throughput.repeats}
   if jax.process_index() == 0:
     write_csv(csv_path, rows + [row], THROUGHPUT_FIELDS)

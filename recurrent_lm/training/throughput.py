@@ -18,9 +18,12 @@ from __future__ import annotations
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from recurrent_lm import models
 
 
 def flops_per_token(config, params, seq_len: int) -> float:
@@ -48,6 +51,15 @@ def flops_per_token(config, params, seq_len: int) -> float:
       context = min(seq_len, kwargs.get("window") or seq_len)
       attention += 12 * config.num_periods * context * width * kwargs["num_heads"]
   return 6.0 * n + attention
+
+
+def model_cost(config, seq_len: int) -> tuple[int, float]:
+  """``(parameter count, training FLOPs per token)`` of a model config, from
+  its parameter shapes alone (nothing is allocated)."""
+  params = nn.meta.unbox(jax.eval_shape(models.build(config).init, jax.random.PRNGKey(0),
+                                        jnp.zeros((1, 1), jnp.int32))["params"])
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  return count, flops_per_token(config, params, seq_len)
 
 
 def matmul_peak_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
