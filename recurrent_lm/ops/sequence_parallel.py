@@ -37,6 +37,21 @@ before the shard's first document start (``carry_t`` = no start in
 the shard's first token starts a document depends on the previous shard's
 last id, which one ``ppermute`` brings.
 
+**mLSTM** (:func:`mlstm`; notation of ``ops.mlstm``: ``b`` the cumulated
+log forget gates, ``D_tj = b_t − b_j + ĩ_j``). Its output divides by a
+normaliser that depends on the incoming state, so instead of correcting
+outputs each shard runs twice: once to get its pair, once from its exact
+entering state. With ``(Ĉ, n̂, m̂)`` the shard's final state from no state
+(stabiliser started at ``−∞``, so ``m̂ = max_j D_Lj``)::
+
+    entering (C, n, m), shard without a document start:
+      m′ = max(m + b_L, m̂)
+      C′ = e^{m + b_L − m′} C + e^{m̂ − m′} Ĉ,    n′ likewise
+    shard with a start: (C′, n′, m′) = (Ĉ, n̂, m̂)       (what came before is forgotten)
+
+which is the chunked form's chunk-to-chunk step with whole shards as
+chunks. Twice the FLOPs of one pass, still no sequential pass over T.
+
 The final state of the whole sequence, ``A_{P−1} ⊙ H_{P−1} + h_{P−1}``, is
 computed on every shard from the gathered pairs, so it comes back replicated.
 Gradients flow through the same computation (``all_gather`` transposes to a
@@ -56,6 +71,9 @@ from recurrent_lm.ops import _checks
 # The modules, not the functions of the same name that ``recurrent_lm.ops`` exports.
 linear_attention_lib = importlib.import_module("recurrent_lm.ops.linear_attention")
 linear_scan_lib = importlib.import_module("recurrent_lm.ops.linear_scan")
+mlstm_lib = importlib.import_module("recurrent_lm.ops.mlstm")
+# A stabiliser that no real one reaches: a local pass started from it has m_t = max_j D_tj.
+_NO_STATE = -1e30
 _EPS = linear_attention_lib._EPS
 
 
@@ -95,7 +113,8 @@ def _entering(pairs, initial, combine, axis_name):
   states = [initial]
   for p in range(count):
     states.append(combine(jax.tree.map(lambda x: x[p], gathered), states[-1]))
-  entering = jnp.stack(states[:-1])[lax.axis_index(axis_name)]
+  index = lax.axis_index(axis_name)
+  entering = jax.tree.map(lambda *xs: jnp.stack(xs)[index], *states[:-1])
   return entering, states[-1]
 
 
@@ -180,3 +199,54 @@ def linear_attention(q, k, v, *, axis_name: str, log_decay=None, normalize: bool
     o = o[..., :dv] / (o[..., dv:] + _EPS)
     final = (final[..., :dv], final[..., dv])
   return o.astype(out_dtype), final
+
+
+def mlstm(q, k, v, input_gate, forget_gate, *, axis_name: str, initial_state=None,
+          segment_ids=None, chunk_size: int = 64, impl: str = "auto"):
+  """``ops.mlstm`` of a sequence split over ``axis_name`` (module docstring).
+
+  Args:
+    q, k: this shard's ``[B, L, H, K]``; v: ``[B, L, H, V]``; input_gate,
+      forget_gate: ``[B, L, H]`` pre-activations.
+    axis_name: the mesh axis the time axis is split over (inside ``shard_map``).
+    initial_state: ``(C, n, m)`` before the whole sequence; None is zeros.
+    segment_ids, chunk_size, impl: as ``ops.mlstm`` (this shard's ids).
+
+  Returns:
+    ``(h, state)``: this shard's ``[B, L, H, V]`` outputs and ``(C, n, m)``
+    after the whole sequence (the same on every shard).
+  """
+  batch, length, heads, dk, dv = _checks.check_qkv(q, k, v)
+  run = lambda state: mlstm_lib.mlstm(q, k, v, input_gate, forget_gate, initial_state=state,
+                                      segment_ids=segment_ids, chunk_size=chunk_size, impl=impl)
+  zeros = (jnp.zeros((batch, heads, dk, dv), jnp.float32),
+           jnp.zeros((batch, heads, dk), jnp.float32), jnp.zeros((batch, heads), jnp.float32))
+  if segment_ids is None:
+    starts_first = jnp.zeros((batch,), bool)
+    has_start = jnp.zeros((batch,), bool)
+  else:
+    starts = _starts(segment_ids, axis_name)
+    starts_first, has_start = starts[:, 0], starts.any(axis=1)
+  # Pass 1: the shard from no state, or from the reset state if its first token starts a document.
+  m_start = jnp.broadcast_to(jnp.where(starts_first[:, None], 0.0, _NO_STATE), (batch, heads))
+  _, local = run((zeros[0], zeros[1], m_start))
+  log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
+  b_last = log_f.sum(axis=1)                                              # [B, H]
+
+  def combine(pair, state):
+    (b, forget, c_hat, n_hat, m_hat), (c, n, m) = pair, state
+    m_new = jnp.maximum(m + b, m_hat)
+    keep, add = jnp.exp(m + b - m_new), jnp.exp(m_hat - m_new)
+    c_new = keep[..., None, None] * c + add[..., None, None] * c_hat
+    n_new = keep[..., None] * n + add[..., None] * n_hat
+    return tuple(jnp.where(forget.reshape(forget.shape + (1,) * (x.ndim - 1)), x_hat, x)
+                 for x, x_hat in ((c_new, c_hat), (n_new, n_hat), (m_new, m_hat)))
+
+  initial = zeros if initial_state is None else tuple(x.astype(jnp.float32)
+                                                      for x in initial_state)
+  entering, final = _entering((b_last, has_start, *local), initial, combine, axis_name)
+  # A shard whose first token starts a document enters from the reset state.
+  entering = tuple(jnp.where(starts_first.reshape((batch,) + (1,) * (x.ndim - 1)), z, x)
+                   for x, z in zip(entering, zeros))
+  h, _ = run(entering)                                                   # pass 2
+  return h, final

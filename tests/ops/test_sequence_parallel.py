@@ -1,7 +1,7 @@
 """Sequence parallelism: the time axis split over 8 simulated devices equals one device.
 
-For ``linear_scan`` and ``linear_attention`` (no, scalar and per-channel
-decay; normalised; with an initial state; packed documents whose boundaries
+For ``linear_scan``, ``linear_attention`` (no, scalar and per-channel
+decay; normalised) and ``mlstm`` (with and without an initial state; packed documents whose boundaries
 fall inside shards, exactly on a shard boundary, and runs of one-token
 documents) the sharded op's outputs, final state and the gradients of a
 random functional of both with respect to every input equal the plain op on
@@ -112,6 +112,26 @@ for (kind, g), normalize, with_seg in itertools.product(decays.items(), (False, 
                                chunk_size=8)
   check(f"linear_attention decay={kind} normalize={normalize} seg={with_seg}", plain, sharded,
         args, len(seq_args))
+
+# mlstm
+ig, fg = normal(B, T, H), normal(B, T, H) + 2
+init = (normal(B, H, K, V), jnp.abs(normal(B, H, K)), normal(B, H))
+for with_seg, with_init in itertools.product((False, True), repeat=2):
+  seq_args = (q, k, v, ig, fg) + ((seg,) if with_seg else ())
+  args = seq_args + ((init,) if with_init else ())
+  def split(args, with_seg=with_seg, with_init=with_init):
+    *xs, = args
+    state = xs.pop() if with_init else None
+    ids = xs.pop() if with_seg else None
+    return xs, ids, state
+  def plain(*args, split=split):
+    xs, ids, state = split(args)
+    return ops.mlstm(*xs, initial_state=state, segment_ids=ids, impl="recurrent")
+  def sharded(*args, split=split):
+    xs, ids, state = split(args)
+    return sp.mlstm(*xs, axis_name="sequence", initial_state=state, segment_ids=ids,
+                    chunk_size=8)
+  check(f"mlstm seg={with_seg} init={with_init}", plain, sharded, args, len(seq_args))
 print("OK")
 """
 
