@@ -451,6 +451,14 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
       _checks.check_shape("initial_state z", initial_state[1], (batch, heads, dk))
     else:
       _checks.check_shape("initial_state", initial_state, (batch, heads, dk, dv))
+  from recurrent_lm.ops import sequence_parallel   # it imports this module
+  if causal and sequence_parallel.sequence_shards() > 1:
+    return sequence_parallel.split_sequence(
+        lambda q, k, v, g, ids, s0: sequence_parallel.linear_attention(
+            q, k, v, axis_name=sequence_parallel.SEQUENCE_AXIS, log_decay=g,
+            normalize=normalize, scale=scale, initial_state=s0, segment_ids=ids,
+            chunk_size=chunk_size, impl=impl),
+        (q, k, v, log_decay, segment_ids), (initial_state,), time)
   decay_kind = "none" if log_decay is None else ("scalar" if log_decay.ndim == 3 else "vector")
   chosen = REGISTRY.resolve(impl, time=time, decay=decay_kind, causal=causal,
                             normalize=normalize, dtype=q.dtype, chunk_size=chunk_size,

@@ -153,6 +153,12 @@ def linear_scan(a, b, h0=None, *, segment_ids=None, reverse=False, impl="auto",
     _checks.check_shape("h0", h0, (batch, *a.shape[2:]))
   _checks.check_segment_ids(segment_ids, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size)
+  from recurrent_lm.ops import sequence_parallel   # it imports this module
+  if not reverse and sequence_parallel.sequence_shards() > 1:
+    return sequence_parallel.split_sequence(
+        lambda a, b, ids, h0: sequence_parallel.linear_scan(
+            a, b, h0, axis_name=sequence_parallel.SEQUENCE_AXIS, segment_ids=ids, impl=impl,
+            chunk_size=chunk_size), (a, b, segment_ids), (h0,), time)
   chosen = REGISTRY.resolve(impl, time=time, dtype=a.dtype)
 
   out_dtype = jnp.result_type(a.dtype, b.dtype)

@@ -65,6 +65,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from recurrent_lm.ops import _checks
 
@@ -75,6 +77,36 @@ mlstm_lib = importlib.import_module("recurrent_lm.ops.mlstm")
 # A stabiliser that no real one reaches: a local pass started from it has m_t = max_j D_tj.
 _NO_STATE = -1e30
 _EPS = linear_attention_lib._EPS
+
+
+SEQUENCE_AXIS = "sequence"
+
+
+def sequence_shards() -> int:
+  """How many ways the current mesh (``jax.set_mesh``) splits the ``sequence``
+  axis; 1 without a mesh, without that axis, or inside a ``shard_map`` over it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+    return 1
+  if dict(zip(mesh.axis_names, mesh.axis_types))[SEQUENCE_AXIS] == AxisType.Manual:
+    return 1
+  return mesh.shape[SEQUENCE_AXIS]
+
+
+def split_sequence(fn, sequence_args, whole_args, length: int):
+  """``fn(*sequence_args, *whole_args)`` in a ``shard_map`` over the current
+  mesh's ``sequence`` axis: ``sequence_args`` ``[B, T, …]`` split along T,
+  ``whole_args`` (states) replicated; returns ``(split output, replicated state)``.
+  The other mesh axes stay with the SPMD partitioner."""
+  shards = sequence_shards()
+  if length % shards:
+    raise ValueError(f"sequence length {length} does not divide into the mesh's "
+                     f"{shards} sequence shards; expected a multiple of {shards}")
+  split = P(None, SEQUENCE_AXIS)
+  body = lambda seq, whole: fn(*seq, *whole)
+  return jax.shard_map(body, in_specs=(split, P()), out_specs=(split, P()),
+                       axis_names={SEQUENCE_AXIS}, check_vma=False)(tuple(sequence_args),
+                                                                    tuple(whole_args))
 
 
 def _starts(segment_ids, axis_name):

@@ -370,14 +370,20 @@ def _build(config, model, mesh, steps: int, byte_lengths=None):
   boxed = jax.eval_shape(init)
   state_sharding = sharding.boxed_shardings(boxed, mesh)
   init_fn = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=state_sharding)
+  train_step = step_lib.make_train_step(
+      model, optimizer, accum_steps=config.train.accum_steps,
+      byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths),
+      # .get: runs stored before these fields existed restore too.
+      mlm_weight=config.train.get("mlm_weight", _ADDED_FIELDS["train.mlm_weight"]),
+      mlm_prob=config.train.get("mlm_prob", _ADDED_FIELDS["train.mlm_prob"]))
+
+  def on_mesh(state, batch):
+    # Traced with the mesh in context, so the recurrences see a split `sequence`
+    # axis and run sequence-parallel (ops.sequence_parallel).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return train_step(state, batch)
   step_fn = jax.jit(
-      step_lib.make_train_step(
-          model, optimizer, accum_steps=config.train.accum_steps,
-          byte_lengths=None if byte_lengths is None else jnp.asarray(byte_lengths),
-          # .get: runs stored before these fields existed restore too.
-          mlm_weight=config.train.get("mlm_weight", _ADDED_FIELDS["train.mlm_weight"]),
-          mlm_prob=config.train.get("mlm_prob", _ADDED_FIELDS["train.mlm_prob"])),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      on_mesh, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   return optimizer, init_fn, step_fn, state_sharding
 

@@ -23,7 +23,7 @@ from recurrent_lm import ops
 from recurrent_lm.ops import sequence_parallel as sp
 
 jax.config.update("jax_default_matmul_precision", "highest")
-mesh = jax.make_mesh((8,), ("sequence",))
+mesh = jax.make_mesh((8,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))   # as training.make_mesh
 rng = np.random.default_rng()
 B, T, H, K, V = 2, 128, 2, 8, 4          # 8 shards of 16 tokens
 
@@ -132,6 +132,30 @@ for with_seg, with_init in itertools.product((False, True), repeat=2):
     return sp.mlstm(*xs, axis_name="sequence", initial_state=state, segment_ids=ids,
                     chunk_size=8)
   check(f"mlstm seg={with_seg} init={with_init}", plain, sharded, args, len(seq_args))
+
+# The ops split themselves when traced under a mesh whose `sequence` axis is split.
+# (As the train step is traced: `loop._build`.)
+def on_mesh(fn):
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  on_devices = lambda *args: tuple(jax.device_put(x, jax.sharding.NamedSharding(mesh, P()))
+                                   for x in args)
+  return lambda *args: jax.jit(traced)(*on_devices(*args))
+g = decays["vector"]
+got = on_mesh(lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g, segment_ids=seg,
+                                                       chunk_size=8))(q, k, v, g)
+got_m = on_mesh(lambda *xs: ops.mlstm(*xs, segment_ids=seg, chunk_size=8))(q, k, v, ig, fg)
+try:
+  on_mesh(lambda a, b: ops.linear_scan(a, b))(a[:, :60], b[:, :60])
+  raise AssertionError("a length of 60 over 8 shards was accepted")
+except ValueError as error:
+  assert "sequence length 60 does not divide into the mesh's 8 sequence shards" in str(error)
+want = ops.linear_attention(q, k, v, log_decay=g, segment_ids=seg, impl="recurrent")
+want_m = ops.mlstm(q, k, v, ig, fg, segment_ids=seg, impl="recurrent")
+for i, (x, y) in enumerate(zip(jax.tree.leaves((got, got_m)), jax.tree.leaves((want, want_m)))):
+  close(f"under the mesh, leaf {i}", x, y)
+print("under a mesh: ok")
 print("OK")
 """
 

@@ -101,7 +101,8 @@ config.optimizer.update(OPTIMIZER)
 model = models.LanguageModel(training.model_config(config))
 batch = {k: np.asarray(v) for k, v in _batch(3, batch=8).items()}
 results = {}
-for axes in [dict(data=1), dict(data=8), dict(data=2, fsdp=2, tensor=2)]:
+for axes in [dict(data=1), dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(sequence=8),
+             dict(data=2, sequence=4)]:
   devices = jax.devices()[:int(np.prod(list(axes.values())))]
   mesh = training.make_mesh(**{"data": -1, **{k: v for k, v in axes.items() if k != "data"}},
                             devices=devices)
