@@ -144,9 +144,7 @@ def evaluate_task(workdir: str, task: str, settings: TaskSettings = TaskSettings
   lengths = settings.lengths or (run.config.data.seq_len,)
   sources, offset, classes = task_sources(task, run.tokenizer, lengths, settings)
   limit = inference.max_context(run.model.config)
-  longest = max(s.max_len + (settings.jrt_repeats - 1) * max(int(e["context_len"])
-                                                             for e in s.examples)
-                for s in sources)
+  longest = max(recall_lib.padded_len(s, settings.jrt_repeats) for s in sources)
   if limit is not None and longest > limit:
     raise ValueError(f"{task} examples of up to {longest} tokens exceed the model's "
                      f"max_len={limit}; expected shorter --task_lengths")

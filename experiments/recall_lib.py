@@ -128,7 +128,7 @@ def _predictor(model_cfg, token_offset: int = 0, num_classes: int | None = None)
                              num_classes=num_classes)
 
 
-def _padded_len(source, jrt_repeats: int) -> int:
+def padded_len(source, jrt_repeats: int) -> int:
   """The longest example of an in-memory source after JRT-Prompt: its batches' one length."""
   return max(e["inputs"].size + (jrt_repeats - 1) * int(e["context_len"]) for e in source.examples)
 
@@ -149,7 +149,7 @@ def evaluate(config, model_cfg, params, test_sources, jrt_repeats: int = 1,
                          token_offset, num_classes)
     for batch in synthetic.task_dataset(source, batch_size=config.batch_size, num_epochs=1,
                                         shuffle=False, jrt_repeats=jrt_repeats,
-                                        seq_len=_padded_len(source, jrt_repeats)):
+                                        seq_len=padded_len(source, jrt_repeats)):
       predictions = predict(params, batch)
       predicted.append((batch, predictions))
       if config.task == "icll":
