@@ -5,6 +5,10 @@
     it = iter(ds)            # checkpointable: it.get_state() / it.set_state(state)
     batch = next(it)         # inputs, targets, segment_ids, positions: [32, 512] int32
 
+Row r of every batch is a packed stream of its own, so the global batch is the
+same on any number of processes; ``merge_data_states`` joins the processes'
+iterator states so a run resumes on another process count.
+
 ``prepare_corpus`` → ``train_tokenizer`` → ``prepare_dataset`` are the three
 stages, each cached and written atomically; ``read_documents`` and
 ``token_stream`` read a split back in order, for evaluation.
@@ -14,8 +18,10 @@ from recurrent_lm.data.corpus import SPLITS
 from recurrent_lm.data.corpus import prepare_corpus
 from recurrent_lm.data.corpus import read_documents
 from recurrent_lm.data.corpus import resolve_data_dir
+from recurrent_lm.data.pipeline import DataStateError
 from recurrent_lm.data.pipeline import PreparedData
 from recurrent_lm.data.pipeline import lm_dataset
+from recurrent_lm.data.pipeline import merge_data_states
 from recurrent_lm.data.pipeline import prepare_dataset
 from recurrent_lm.data.pipeline import token_stream
 from recurrent_lm.data.tokenizer import Tokenizer
@@ -23,9 +29,11 @@ from recurrent_lm.data.tokenizer import train_tokenizer
 
 __all__ = [
     "SPLITS",
+    "DataStateError",
     "PreparedData",
     "Tokenizer",
     "lm_dataset",
+    "merge_data_states",
     "prepare_corpus",
     "prepare_dataset",
     "read_documents",

@@ -9,19 +9,28 @@ what the model predicts at the end of this one.
 ``lm_dataset`` reads the shards with grain::
 
   ArrayRecordDataSource → MapDataset: decode each record to int32
-    → [shard_index::shard_count]        each process its own documents
     → shuffle(seed) → repeat(num_epochs)  a new permutation every epoch
+    → [r::batch_size]                      row r's documents, for each row r of this process
     → {"inputs": doc, "targets": doc shifted by one}
-    → ConcatThenSplitIterDataset        rows of seq_len, segment ids, positions
-    → batch (the last batch padded)     batch_size // shard_count rows
+    → ConcatThenSplitIterDataset           row r's packed stream: segment ids, positions
+    → one row from each stream per batch   batch_size // shard_count rows
+
+**Every row of the global batch is a stream of its own.** Row ``r`` packs the
+documents ``k ≡ r (mod batch_size)`` of the shuffled, repeated document order,
+and step ``s`` of the run reads the ``s``-th piece of every row's stream. A
+process reads only its rows, ``[i·b, (i+1)·b)`` with ``b = batch_size //
+shard_count``, so the global batch of every step is the same whatever the
+number of processes: a run on 2 hosts × 4 devices sees the same data as one on
+1 host × 8, and a checkpoint resumes on either. (Documents dealt to processes
+and packed per process would not: the rows would depend on the process count.)
 
 Packing needs no hand-written code. Each document ``d = [eod, t₁ … tₙ]``
 becomes ``inputs = d`` and ``targets = [t₁ … tₙ, eod]`` — the token after a
 document is always the next document's leading ``eod``. Grain's
 concat-then-split packs both features the same way (same lengths, same split
-points) into rows of ``seq_len``, so the stream of ``inputs`` rows is the
-token stream exactly, rows overlap by no token and lose no transition:
-``targets[r, -1]`` is ``inputs[r + 1, 0]``.
+points) into rows of ``seq_len``, so a row's ``inputs`` over successive steps
+are its stream of tokens exactly, overlap by no token and lose no transition:
+``targets[s][r, -1]`` is ``inputs[s + 1][r, 0]``.
 """
 
 from __future__ import annotations
@@ -47,12 +56,17 @@ from recurrent_lm.data import corpus as _corpus
 from recurrent_lm.data import tokenizer as _tokenizer
 
 _FORMAT = 1
+_ROWS_FORMAT = 2  # the layout of lm_dataset's batches and iterator states
 _MANIFEST = "manifest.json"
 # Text bytes per shard when num_shards is not given (a shard holds about as many token bytes).
 _SHARD_TEXT_BYTES = 256 << 20
 _ENCODE_CHUNK = 64  # documents per encode call (and per progress-bar update)
 # Per-document reads ahead: one long document already feeds many rows.
-_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=32)
+# Each row's stream reads in the thread that asks: a process has many rows, and
+# threads per row cost more than they save (measured: 511 batches/s of 32 × 512
+# without, 180 with a batch-level prefetch thread; 424 for the former per-process
+# packing with 4 read threads). The train step runs asynchronously meanwhile.
+_ROW_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _TOKENIZER_SEED = 0
 _TOKENIZER_MAX_SENTENCES = 2_000_000
 
@@ -139,40 +153,40 @@ def lm_dataset(paths: Sequence[str | os.PathLike], *, seq_len: int, batch_size: 
                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
                vocab_size: int | None = None) -> grain.IterDataset:
-  """Packed language-model batches from token shards.
+  """Packed language-model batches from token shards, the same for any number of processes.
 
   Args:
     paths: ArrayRecord shards made by ``prepare_dataset`` (one split's).
     seq_len: tokens per row, ``L``.
-    batch_size: rows per step over all processes; this process gets
-      ``batch_size // shard_count`` of them.
+    batch_size: rows per step over all processes, ``B``; this process gets
+      ``b = B // shard_count`` of them.
     seed: the document order; every epoch is a different permutation.
     shuffle: False keeps the file order (every epoch the same).
     num_epochs: passes over the documents; None repeats forever.
-    shard_index, shard_count: this process's share of the documents
-      (``shard_index::shard_count`` of them, before shuffling); None: both from
+    shard_index, shard_count: this process reads rows ``[shard_index·b,
+      (shard_index + 1)·b)`` of every global batch; None: both from
       ``jax.process_index()`` / ``jax.process_count()``.
     vocab_size: if given, every document read is checked to hold ids in
       ``[0, vocab_size)`` (one ``min``/``max`` per document).
 
   Returns:
-    A grain ``IterDataset`` whose elements are dicts of numpy arrays
-    ``[b, L]`` int32 with ``b = batch_size // shard_count``:
+    A grain ``IterDataset`` whose elements are dicts of numpy arrays ``[b, L]``
+    int32, row ``j`` from global row ``r = shard_index·b + j``:
 
-    - ``inputs``: the packed token stream;
+    - ``inputs``: row ``r``'s packed stream of documents ``k ≡ r (mod B)`` of
+      the shuffled order (see the module docstring);
     - ``targets``: the token after each input;
     - ``segment_ids``: 1, 2, … for the document pieces of a row, 0 on padding;
     - ``positions``: the position in the piece, 0 where a piece starts.
 
-    A document split across rows goes on in the next row as a new segment
-    (position 0 again). A finite dataset (``num_epochs`` set) ends with one
-    row padded by grain's concat-then-split and, if needed, a batch completed
-    by all-padding rows: padding is id 0 (``Tokenizer.pad_id``), segment 0,
-    position 0 — mask the loss with ``segment_ids > 0``. Nothing is dropped.
-    The iterator of ``iter(ds)`` checkpoints exactly (``get_state`` /
-    ``set_state``, or ``grain.checkpoint.CheckpointSave`` in orbax). Each
-    process's stream is its own: with a finite ``num_epochs`` processes may
-    see different numbers of batches.
+    A document split across rows goes on in the same row of the next batch
+    as a new segment (position 0 again). With a finite ``num_epochs`` a row's
+    stream ends with one row padded by grain's concat-then-split, and rows
+    whose stream has ended are all padding until every stream has: padding is
+    id 0 (``Tokenizer.pad_id``), segment 0, position 0 — mask the loss with
+    ``segment_ids > 0``. Nothing is dropped. The iterator of ``iter(ds)``
+    checkpoints exactly (``get_state`` / ``set_state``, or
+    ``grain.checkpoint.CheckpointSave`` in orbax).
   """
   paths = _check_paths(paths)
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -187,20 +201,15 @@ def lm_dataset(paths: Sequence[str | os.PathLike], *, seq_len: int, batch_size: 
   per_process = batch_size // shard_count
 
   documents = _documents(paths, vocab_size)
-  total = len(documents)
-  documents = documents[shard_index::shard_count]
-  if not len(documents):
-    raise ValueError(f"the {total} documents of {len(paths)} shard(s) leave none for shard "
-                     f"{shard_index} of {shard_count}; expected at least {shard_count} documents")
   if shuffle:
     documents = documents.shuffle(seed=_shuffle_seed(seed))
   documents = documents.repeat(num_epochs).map(_inputs_and_targets)
-  rows = grain.experimental.ConcatThenSplitIterDataset(
-      documents.to_iter_dataset(_READ_OPTIONS),
-      length_struct={"inputs": seq_len, "targets": seq_len})
-  rows = rows.map(_example)
-  return rows.batch(per_process, batch_fn=functools.partial(
-      grain.experimental.batch_and_pad, batch_size=per_process, pad_value=0))
+  first = shard_index * per_process
+  streams = [grain.experimental.ConcatThenSplitIterDataset(
+      documents[r::batch_size].to_iter_dataset(_ROW_READ_OPTIONS),
+      length_struct={"inputs": seq_len, "targets": seq_len}).map(_example)
+             for r in range(first, first + per_process)]
+  return _RowStreams(streams, seq_len=seq_len, first_row=first, batch_size=batch_size)
 
 
 def token_stream(paths: Sequence[str | os.PathLike], *,
@@ -396,3 +405,123 @@ def _inputs_and_targets(ids: np.ndarray) -> dict[str, np.ndarray]:
 def _example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"inputs": row["inputs"], "targets": row["targets"],
           "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+class _RowStreams(grain.IterDataset):
+  """Batches whose row ``j`` is the next element of ``streams[j]``, global row ``first_row + j``.
+
+  Grain's ``ZipIterDataset`` stops at the shortest stream; here a stream that
+  has ended gives all-padding rows until every stream has, so a finite
+  dataset loses nothing and row ``j`` stays stream ``j``.
+  """
+
+  def __init__(self, streams: Sequence[grain.IterDataset], *, seq_len: int, first_row: int,
+               batch_size: int):
+    super().__init__(list(streams))
+    self._seq_len, self._first_row, self._batch_size = seq_len, first_row, batch_size
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _RowStreamsIterator([s.__iter__() for s in self._parents], seq_len=self._seq_len,
+                               first_row=self._first_row, batch_size=self._batch_size)
+
+  def __str__(self) -> str:
+    return (f"_RowStreams(rows [{self._first_row}, {self._first_row + len(self._parents)}) "
+            f"of {self._batch_size}, seq_len={self._seq_len})")
+
+
+class _RowStreamsIterator(grain.DatasetIterator):
+  """Its state: ``{"format", "batch_size", "first_row", "ended": [n], "rows": [n]}``.
+
+  ``set_state`` takes any state of the same ``batch_size`` whose rows cover
+  this iterator's: its own, or the rows of every process merged by
+  ``merge_data_states`` — so a run resumes on another number of processes.
+  """
+
+  def __init__(self, streams: list[grain.DatasetIterator], *, seq_len: int, first_row: int,
+               batch_size: int):
+    super().__init__(streams)
+    self._first_row, self._batch_size = first_row, batch_size
+    self._ended = [False] * len(streams)
+    self._padding = {key: np.zeros(seq_len, np.int32) for key in _KEYS}
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = []
+    for j, stream in enumerate(self._parents):
+      row = None
+      if not self._ended[j]:
+        try:
+          row = next(stream)
+        except StopIteration:
+          self._ended[j] = True
+      rows.append(self._padding if row is None else row)
+    if all(self._ended):
+      raise StopIteration
+    return {key: np.stack([row[key] for row in rows]) for key in _KEYS}
+
+  def get_state(self) -> dict:
+    return {"format": _ROWS_FORMAT, "batch_size": self._batch_size, "first_row": self._first_row,
+            "ended": list(self._ended), "rows": [stream.get_state() for stream in self._parents]}
+
+  def set_state(self, state: dict) -> None:
+    _check_data_state(state)
+    if state["batch_size"] != self._batch_size:
+      raise ValueError(f"the data iterator state is of batch_size={state['batch_size']}; "
+                       f"expected batch_size={self._batch_size}")
+    start = self._first_row - state["first_row"]
+    stop = start + len(self._parents)
+    if start < 0 or stop > len(state["rows"]):
+      held = (state["first_row"], state["first_row"] + len(state["rows"]))
+      raise ValueError(f"the data iterator state holds rows [{held[0]}, {held[1]}); expected "
+                       f"rows [{self._first_row}, {self._first_row + len(self._parents)}) of "
+                       "the global batch")
+    self._ended = [bool(e) for e in state["ended"][start:stop]]
+    for stream, row_state in zip(self._parents, state["rows"][start:stop]):
+      stream.set_state(row_state)
+
+
+def _check_data_state(state) -> None:
+  version = state.get("format") if isinstance(state, dict) else None
+  if version != _ROWS_FORMAT:
+    raise DataStateError(
+        f"the data position (format={version!r}) was written by another layout of "
+        f"lm_dataset; expected format={_ROWS_FORMAT} (one packed stream per global row). "
+        "Resume the run with the release that wrote it, or start a new workdir")
+
+
+class DataStateError(ValueError):
+  """A stored data position that this release's ``lm_dataset`` cannot continue."""
+
+
+def merge_data_states(states: Sequence[dict]) -> dict:
+  """The states of the processes' ``lm_dataset`` iterators → one state of the global batch.
+
+  Args:
+    states: one ``get_state()`` per process, in any order; their rows must
+      tile ``[0, batch_size)`` (processes reading the same rows count once).
+
+  Returns:
+    A state of every row, which ``set_state`` of an iterator over any share
+    of the same ``batch_size`` takes (its rows are sliced out).
+  """
+  if not states:
+    raise ValueError("states=[]: no data iterator states; expected one per process")
+  for state in states:
+    _check_data_state(state)
+  # Processes that read the same rows (the sequence split over them) hold the same state.
+  states = sorted({state["first_row"]: state for state in states}.values(),
+                  key=lambda state: state["first_row"])
+  batch_size, row = states[0]["batch_size"], 0
+  for state in states:
+    if state["batch_size"] != batch_size or state["first_row"] != row:
+      break
+    row += len(state["rows"])
+  if row != batch_size:
+    held = [(s["first_row"], s["first_row"] + len(s["rows"]), s["batch_size"]) for s in states]
+    raise ValueError(f"the data iterator states hold rows {held} as (first, end, batch_size); "
+                     f"expected them to tile [0, {batch_size})")
+  return {"format": _ROWS_FORMAT, "batch_size": batch_size, "first_row": 0,
+          "ended": [e for state in states for e in state["ended"]],
+          "rows": [r for state in states for r in state["rows"]]}

@@ -2,8 +2,12 @@
 
 Each checkpoint ``<workdir>/checkpoints/<step>/`` holds two items:
 ``state`` (the ``TrainState``: params, optimizer state, step, RNG) and
-``data`` (the grain iterator's position), saved asynchronously; the newest
-``keep`` are kept. Restoring takes the newest checkpoint that reads back; a
+``data`` (the grain iterator's position: one ``process_<i>-of-<n>.json`` per
+process, each holding that process's rows of the global batch), saved
+asynchronously; the newest ``keep`` are kept. The arrays reshard onto any mesh
+(orbax reads each device's slice), and the data position is the rows of all
+``n`` files merged (``data.merge_data_states``), so a checkpoint written by
+``n`` processes resumes on any other number. Restoring takes the newest checkpoint that reads back; a
 damaged one (truncated, corrupted) is reported, moved aside to
 ``<workdir>/checkpoints_damaged/`` — never deleted — and the one before it is
 tried, so a crash during a save can never make a run crash-loop.
@@ -11,13 +15,20 @@ tried, so a crash during a save can never make a run crash-loop.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 import shutil
 import time
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+from recurrent_lm import data as data_lib
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 class Checkpointer:
@@ -63,11 +74,12 @@ class Checkpointer:
         iterator) moves damaged checkpoints aside; evaluation just skips them.
     """
     for step in reversed(self.steps()):
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        data_state = None if data_iterator is None else self._data_state(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+      except data_lib.DataStateError:
+        raise   # readable, but of another layout: never set aside
       except Exception as error:   # orbax raises many kinds on a damaged file
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         where = self._set_aside(step) if data_iterator is not None else None
@@ -75,8 +87,28 @@ class Checkpointer:
               + (f"; moved it to {where}" if where else "")
               + "; trying the one before", flush=True)
         continue
+      if data_state is not None:
+        data_iterator.set_state(data_state)
       return restored.state
     return None
+
+  def _data_state(self, step: int) -> dict:
+    """The data position of ``step``: every process's rows, merged."""
+    folder = os.path.join(self.directory, str(step), "data")
+    files = {}
+    for path in glob.glob(os.path.join(folder, "process_*-of-*.json")):
+      match = _DATA_FILE.fullmatch(os.path.basename(path))
+      if match:
+        files[int(match[1])] = (int(match[2]), path)
+    counts = {count for count, _ in files.values()}
+    if len(counts) != 1 or sorted(files) != list(range(counts.pop())):
+      raise FileNotFoundError(f"{folder} holds data files {sorted(files)}; expected "
+                              "process_<i>-of-<n>.json for every i < n")
+    states = []
+    for _, path in files.values():
+      with open(path) as f:
+        states.append(json.load(f))
+    return data_lib.merge_data_states(states)
 
   def _set_aside(self, step: int) -> str:
     """Moves a damaged step folder out of the manager's sight; returns where."""

@@ -271,25 +271,47 @@ def _prepare_data(config) -> data_lib.PreparedData:
   return prepared if jax.process_index() == 0 else prepare()
 
 
-def _global_batch(batch: dict[str, np.ndarray], batch_sharding, vocab_size: int, step: int):
-  """Host batch → global ``jax.Array``s, checking token ids on the way in."""
-  for name in ("inputs", "targets"):
-    low, high = int(batch[name].min()), int(batch[name].max())
-    if low < 0 or high >= vocab_size:
-      bad = low if low < 0 else high
-      raise ValueError(f"token id {bad} in {name} of batch {step} is outside [0, {vocab_size}); "
-                       "the token shards do not match the tokenizer/model vocabulary")
-  return {name: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
-          for name, value in batch.items() if name in ("inputs", "targets", "segment_ids")}
+class _BatchFeed:
+  """This process's part of every global ``[B, L]`` batch, and its assembly into ``jax.Array``s.
 
+  The process reads the rows its devices hold (``sharding.process_block``)
+  from ``lm_dataset`` — the same rows of the same global batch whatever the
+  number of processes — and keeps the columns they hold.
+  """
 
-def _random_batch(config, batch_sharding):
-  rng = np.random.default_rng(0)
-  shape = (config.data.batch_size // jax.process_count(), config.data.seq_len)
-  batch = {"inputs": rng.integers(0, config.data.vocab_size, shape, np.int32),
-           "targets": rng.integers(0, config.data.vocab_size, shape, np.int32),
-           "segment_ids": np.ones(shape, np.int32)}
-  return _global_batch(batch, batch_sharding, config.data.vocab_size, 0)
+  def __init__(self, config, batch_sharding):
+    self.shape = (config.data.batch_size, config.data.seq_len)
+    self.sharding = batch_sharding
+    self.vocab_size = config.data.vocab_size
+    self.rows, self.cols = sharding.process_block(batch_sharding, self.shape)
+    self.rows_per_process = self.rows.stop - self.rows.start
+
+  def dataset(self, paths, seed: int):
+    return data_lib.lm_dataset(paths, seq_len=self.shape[1], batch_size=self.shape[0], seed=seed,
+                               shard_index=self.rows.start // self.rows_per_process,
+                               shard_count=self.shape[0] // self.rows_per_process)
+
+  def __call__(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
+    """Host rows → global ``jax.Array``s, checking token ids on the way in."""
+    for name in ("inputs", "targets"):
+      low, high = int(batch[name].min()), int(batch[name].max())
+      if low < 0 or high >= self.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} in {name} of batch {step} is outside "
+                         f"[0, {self.vocab_size}); the token shards do not match the "
+                         "tokenizer/model vocabulary")
+    return {name: jax.make_array_from_process_local_data(
+        self.sharding, np.asarray(value[:, self.cols]), self.shape)
+            for name, value in batch.items() if name in ("inputs", "targets", "segment_ids")}
+
+  def random(self) -> dict[str, jax.Array]:
+    """A batch of random tokens (for timing)."""
+    rng = np.random.default_rng(0)
+    shape = (self.rows_per_process, self.shape[1])
+    batch = {"inputs": rng.integers(0, self.vocab_size, shape, np.int32),
+             "targets": rng.integers(0, self.vocab_size, shape, np.int32),
+             "segment_ids": np.ones(shape, np.int32)}
+    return self(batch, 0)
 
 
 class _Logger:
@@ -473,7 +495,7 @@ def step_seconds(config: ml_collections.ConfigDict, *, warmup: int = 1, repeats:
   _, init_fn, step_fn, _ = _build(config, models.build(model_config(config)), mesh, 1000,
                                   byte_lengths)
   seconds = throughput.step_seconds(step_fn, init_fn(),
-                                    _random_batch(config, sharding.batch_sharding(mesh)),
+                                    _BatchFeed(config, sharding.batch_sharding(mesh)).random(),
                                     warmup=1 + warmup, repeats=repeats)
   if jax.process_count() > 1:   # every process must run the same schedule
     seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
@@ -509,7 +531,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model_cfg = model_config(config)
   model = models.build(model_cfg)
   mesh = sharding.make_mesh(**config.mesh.to_dict())
-  batch_sharding = sharding.batch_sharding(mesh)
+  feed = _BatchFeed(config, sharding.batch_sharding(mesh))
 
   def build(steps):
     return _build(config, model, mesh, steps, prepared.tokenizer.byte_lengths)
@@ -530,9 +552,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if lead:
     _keep_tokenizer(prepared.tokenizer_path, os.path.join(workdir, TOKENIZER_FILE))
 
-  train_iter = iter(data_lib.lm_dataset(prepared.shards["train"], seq_len=config.data.seq_len,
-                                        batch_size=config.data.batch_size,
-                                        seed=config.data.seed))
+  train_iter = iter(feed.dataset(prepared.shards["train"], config.data.seed))
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                              keep=config.train.keep_checkpoints)
   state = checkpointer.restore_latest(_abstract(init_fn, state_sharding), train_iter)
@@ -561,7 +581,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     with stop.installed():
       for step in range(start, steps):
-        batch = _global_batch(next(train_iter), batch_sharding, config.data.vocab_size, step)
+        batch = feed(next(train_iter), step)
         if compiled is None:   # compile outside the timed intervals
           compiled = step_fn.lower(state, batch).compile()
           logger.restart_clock()

@@ -94,5 +94,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), RULES))
 
 
+def process_block(batch: NamedSharding, shape: tuple[int, int]) -> tuple[slice, slice]:
+  """The rows and columns of a global ``[B, L]`` batch that this process's devices hold.
+
+  They must form one block (a mesh whose devices are grouped by process, as
+  ``jax.make_mesh`` and ``make_mesh`` build them). With the rows split over
+  processes each reads ``B / P`` rows; with ``sequence`` split over processes,
+  a slice of every row's columns.
+  """
+  held = np.zeros(shape, bool)
+  for index in batch.addressable_devices_indices_map(shape).values():
+    held[index] = True
+  rows, cols = np.flatnonzero(held.any(1)), np.flatnonzero(held.any(0))
+  block = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+  if held.sum() != held[block].size:
+    raise ValueError(f"process {jax.process_index()}'s devices hold a scattered part of the "
+                     f"{shape} batch under {batch.spec}; expected one block (a mesh with "
+                     "each process's devices together)")
+  return block
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

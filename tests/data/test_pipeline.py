@@ -1,4 +1,4 @@
-"""Token shards and the grain pipeline: packing, shuffling, process shards, checkpoints."""
+"""Token shards and the grain pipeline: packing, shuffling, rows per process, checkpoints."""
 
 from __future__ import annotations
 
@@ -151,27 +151,38 @@ def test_a_changed_corpus_retrains_and_retokenizes(tmp_path):
 # Packing
 
 
-def test_rows_rebuild_the_token_stream_exactly(prepared):
+def _row_streams(batches, key) -> np.ndarray:
+  """``[B, steps · L]``: each global row's stream over the batches."""
+  return np.concatenate([b[key] for b in batches], axis=1)
+
+
+def test_each_row_packs_its_own_documents_exactly(prepared):
   docs = _documents(prepared)
-  stream = np.concatenate(docs)
-  batches = _batches(data.lm_dataset(prepared.shards["train"], seq_len=37, batch_size=3,
+  rows = 3
+  batches = _batches(data.lm_dataset(prepared.shards["train"], seq_len=37, batch_size=rows,
                                      shuffle=False, num_epochs=1, shard_index=0, shard_count=1))
-  inputs, targets, segments = (_rows(batches, k) for k in ("inputs", "targets", "segment_ids"))
-  real = segments > 0
-  np.testing.assert_array_equal(inputs[real], stream)
-  # targets: the next token; after the last document comes an eod.
-  np.testing.assert_array_equal(targets[real], np.append(stream[1:], prepared.tokenizer.eod_id))
-  # Padding is one tail: everything after the last real token.
-  assert not real.reshape(-1)[real.reshape(-1).sum():].any()
-  assert (inputs[~real] == 0).all() and (targets[~real] == 0).all()
+  inputs, targets, segments = (_row_streams(batches, k)
+                               for k in ("inputs", "targets", "segment_ids"))
+  for r in range(rows):
+    stream = np.concatenate(docs[r::rows])   # row r: documents k ≡ r (mod B)
+    real = segments[r] > 0
+    np.testing.assert_array_equal(inputs[r][real], stream)
+    # targets: the next token; after the row's last document comes an eod.
+    np.testing.assert_array_equal(targets[r][real],
+                                  np.append(stream[1:], prepared.tokenizer.eod_id))
+    # Padding is one tail: everything after the row's last real token.
+    assert not real[real.sum():].any()
+    assert (inputs[r][~real] == 0).all() and (targets[r][~real] == 0).all()
 
 
-def test_targets_are_inputs_shifted_by_one(prepared):
+def test_targets_are_inputs_shifted_by_one_along_each_row(prepared):
   batches = _batches(data.lm_dataset(prepared.shards["train"], seq_len=16, batch_size=4,
                                      shard_index=0, shard_count=1), 30)
-  inputs, targets = _rows(batches, "inputs"), _rows(batches, "targets")
-  np.testing.assert_array_equal(targets[:, :-1], inputs[:, 1:])
-  np.testing.assert_array_equal(targets[:-1, -1], inputs[1:, 0])
+  inputs = np.stack([b["inputs"] for b in batches])     # [steps, B, L]
+  targets = np.stack([b["targets"] for b in batches])
+  np.testing.assert_array_equal(targets[:, :, :-1], inputs[:, :, 1:])
+  # The last target of a row is the first input of the same row one step later.
+  np.testing.assert_array_equal(targets[:-1, :, -1], inputs[1:, :, 0])
 
 
 def test_every_batch_has_the_same_shape_and_dtype(prepared):
@@ -224,9 +235,13 @@ def _single_document_shard(prepared, tokens) -> list[str]:
 
 
 def _document_order(prepared, ds) -> list[tuple[int, ...]]:
+  """The documents in the order they were dealt: the k-th went to row k mod B."""
   batches = _batches(ds)
-  stream = _rows(batches, "inputs")[_rows(batches, "segment_ids") > 0]
-  return _split_at_eod(stream, prepared.tokenizer.eod_id)
+  inputs, segments = _row_streams(batches, "inputs"), _row_streams(batches, "segment_ids")
+  per_row = [_split_at_eod(row[seg > 0], prepared.tokenizer.eod_id)
+             for row, seg in zip(inputs, segments)]
+  total = sum(map(len, per_row))
+  return [per_row[k % len(per_row)][k // len(per_row)] for k in range(total)]
 
 
 def _epoch(prepared, **kwargs):
@@ -254,13 +269,19 @@ def test_each_epoch_is_a_new_permutation(prepared):
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
 
 
-def test_process_shards_are_disjoint_and_cover_an_epoch(prepared):
-  docs = sorted(tuple(d) for d in _documents(prepared))
-  shards = [_document_order(prepared, _epoch(prepared, batch_size=4, shard_index=i,
-                                             shard_count=2)) for i in range(2)]
-  assert shards[0] and shards[1]
-  assert not set(shards[0]) & set(shards[1])
-  assert sorted(shards[0] + shards[1]) == docs
+@pytest.mark.parametrize("num_epochs", [None, 1])
+def test_the_global_batch_is_the_same_for_any_process_count(prepared, num_epochs):
+  kwargs = dict(seq_len=24, batch_size=8, seed=3, num_epochs=num_epochs)
+  one = _batches(data.lm_dataset(prepared.shards["train"], shard_index=0, shard_count=1,
+                                 **kwargs), 40)
+  for count in (2, 4, 8):
+    shares = [_batches(data.lm_dataset(prepared.shards["train"], shard_index=i,
+                                       shard_count=count, **kwargs), 40) for i in range(count)]
+    assert all(len(share) == len(one) for share in shares)
+    for step, batch in enumerate(one):
+      for key in KEYS:
+        joined = np.concatenate([share[step][key] for share in shares])
+        np.testing.assert_array_equal(joined, batch[key], err_msg=f"{count} processes, {key}")
 
 
 def test_each_process_gets_its_share_of_the_batch(prepared):
@@ -335,6 +356,43 @@ def test_orbax_checkpoint_manager_round_trip(prepared, tmp_path):
   _assert_same_batches(_batches(restored, 8), expected)
 
 
+def test_a_position_saved_by_some_processes_resumes_on_any_other_count(prepared):
+  kwargs = dict(seq_len=20, batch_size=4, seed=7)
+  shares = [iter(data.lm_dataset(prepared.shards["train"], shard_index=i, shard_count=2,
+                                 **kwargs)) for i in range(2)]
+  for share in shares:
+    _batches(share, 9)
+  merged = data.merge_data_states([share.get_state() for share in reversed(shares)])
+  expected = [np.concatenate(parts) for parts in zip(
+      *[[b["inputs"] for b in _batches(share, 6)] for share in shares])]
+  for count in (1, 4):
+    resumed = [iter(data.lm_dataset(prepared.shards["train"], shard_index=i,
+                                    shard_count=count, **kwargs)) for i in range(count)]
+    for it in resumed:
+      it.set_state(merged)
+    got = [np.concatenate(parts) for parts in zip(
+        *[[b["inputs"] for b in _batches(it, 6)] for it in resumed])]
+    for g, e in zip(got, expected, strict=True):
+      np.testing.assert_array_equal(g, e)
+
+
+def test_states_that_do_not_tile_the_batch_or_are_of_another_layout_are_refused(prepared):
+  kwargs = dict(seq_len=20, batch_size=4)
+  first = iter(data.lm_dataset(prepared.shards["train"], shard_index=0, shard_count=2, **kwargs))
+  with pytest.raises(ValueError, match=r"expected them to tile \[0, 4\)"):
+    data.merge_data_states([first.get_state()])
+  whole = iter(data.lm_dataset(prepared.shards["train"], shard_index=0, shard_count=1, **kwargs))
+  with pytest.raises(ValueError, match=r"holds rows \[0, 2\); expected rows \[0, 4\)"):
+    whole.set_state(first.get_state())
+  other = iter(data.lm_dataset(prepared.shards["train"], seq_len=20, batch_size=2,
+                               shard_index=0, shard_count=1))
+  with pytest.raises(ValueError, match="batch_size=4; expected batch_size=2"):
+    other.set_state(whole.get_state())
+  # A position of the former layout (documents dealt to processes) has no format.
+  with pytest.raises(data.DataStateError, match="format=None.*expected format=2"):
+    whole.set_state({"parent": {"next_index": 3}})
+
+
 # ----------------------------------------------------------------------------
 # Bad input
 
@@ -367,10 +425,17 @@ def test_a_missing_shard_is_named(tmp_path):
     data.lm_dataset([missing], seq_len=8, batch_size=2, shard_index=0, shard_count=1)
 
 
-def test_more_processes_than_documents_is_an_error(prepared):
-  (path,) = _single_document_shard(prepared, [prepared.tokenizer.eod_id, 5, 6])
-  with pytest.raises(ValueError, match="shard 1 of 2"):
-    data.lm_dataset([path], seq_len=8, batch_size=2, shard_index=1, shard_count=2)
+def test_more_rows_than_documents_repeat_them_or_pad(prepared):
+  doc = [prepared.tokenizer.eod_id, 5, 6]
+  (path,) = _single_document_shard(prepared, doc)
+  # Forever: every row's stream is the one document over and over.
+  batch = next(iter(data.lm_dataset([path], seq_len=6, batch_size=4, shard_index=1,
+                                    shard_count=2)))
+  np.testing.assert_array_equal(batch["inputs"], np.tile(doc * 2, (2, 1)))
+  # One epoch: row 0 gets the document, row 1 nothing (all padding), then the end.
+  (batch,) = _batches(data.lm_dataset([path], seq_len=6, batch_size=2, num_epochs=1,
+                                      shard_index=0, shard_count=1))
+  np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 0, 0, 0], [0] * 6])
 
 
 def test_token_ids_outside_the_vocabulary_are_caught_on_read(prepared):
