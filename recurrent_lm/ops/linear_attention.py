@@ -452,7 +452,7 @@ def linear_attention(q, k, v, *, log_decay=None, normalize=False, scale=None,
     else:
       _checks.check_shape("initial_state", initial_state, (batch, heads, dk, dv))
   from recurrent_lm.ops import sequence_parallel   # it imports this module
-  if causal and sequence_parallel.sequence_shards() > 1:
+  if causal and sequence_parallel.splits(time):
     return sequence_parallel.split_sequence(
         lambda q, k, v, g, ids, s0: sequence_parallel.linear_attention(
             q, k, v, axis_name=sequence_parallel.SEQUENCE_AXIS, log_decay=g,

@@ -154,7 +154,7 @@ def linear_scan(a, b, h0=None, *, segment_ids=None, reverse=False, impl="auto",
   _checks.check_segment_ids(segment_ids, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size)
   from recurrent_lm.ops import sequence_parallel   # it imports this module
-  if not reverse and sequence_parallel.sequence_shards() > 1:
+  if not reverse and sequence_parallel.splits(time):
     return sequence_parallel.split_sequence(
         lambda a, b, ids, h0: sequence_parallel.linear_scan(
             a, b, h0, axis_name=sequence_parallel.SEQUENCE_AXIS, segment_ids=ids, impl=impl,

@@ -279,7 +279,7 @@ def mlstm(q, k, v, input_gate, forget_gate, *, initial_state=None, segment_ids=N
   _checks.check_segment_ids(segment_ids, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size)
   from recurrent_lm.ops import sequence_parallel   # it imports this module
-  if sequence_parallel.sequence_shards() > 1:
+  if sequence_parallel.splits(time):
     return sequence_parallel.split_sequence(
         lambda q, k, v, i, f, ids, s0: sequence_parallel.mlstm(
             q, k, v, i, f, axis_name=sequence_parallel.SEQUENCE_AXIS, initial_state=s0,

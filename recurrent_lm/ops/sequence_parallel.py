@@ -93,6 +93,17 @@ def sequence_shards() -> int:
   return mesh.shape[SEQUENCE_AXIS]
 
 
+def splits(length: int) -> bool:
+  """Whether an op over ``length`` steps runs sequence-parallel here: the
+  current mesh splits ``sequence`` and ``length`` divides into its shards.
+
+  A length that does not (a decoding step, HMT's one-token summaries) runs
+  as the plain op on every shard; the partitioner gathers what it needs.
+  """
+  shards = sequence_shards()
+  return shards > 1 and length % shards == 0
+
+
 def split_sequence(fn, sequence_args, whole_args, length: int):
   """``fn(*sequence_args, *whole_args)`` in a ``shard_map`` over the current
   mesh's ``sequence`` axis: ``sequence_args`` ``[B, T, …]`` split along T,

@@ -146,11 +146,10 @@ g = decays["vector"]
 got = on_mesh(lambda q, k, v, g: ops.linear_attention(q, k, v, log_decay=g, segment_ids=seg,
                                                        chunk_size=8))(q, k, v, g)
 got_m = on_mesh(lambda *xs: ops.mlstm(*xs, segment_ids=seg, chunk_size=8))(q, k, v, ig, fg)
-try:
-  on_mesh(lambda a, b: ops.linear_scan(a, b))(a[:, :60], b[:, :60])
-  raise AssertionError("a length of 60 over 8 shards was accepted")
-except ValueError as error:
-  assert "sequence length 60 does not divide into the mesh's 8 sequence shards" in str(error)
+# 60 steps do not divide into 8 shards: the plain op runs (and gives the same).
+for x, y in zip(jax.tree.leaves(on_mesh(lambda a, b: ops.linear_scan(a, b))(a[:, :60], b[:, :60])),
+                jax.tree.leaves(ops.linear_scan(a[:, :60], b[:, :60]))):
+  close("60 steps under the mesh", x, y)
 want = ops.linear_attention(q, k, v, log_decay=g, segment_ids=seg, impl="recurrent")
 want_m = ops.mlstm(q, k, v, ig, fg, segment_ids=seg, impl="recurrent")
 for i, (x, y) in enumerate(zip(jax.tree.leaves((got, got_m)), jax.tree.leaves((want, want_m)))):
