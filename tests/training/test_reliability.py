@@ -112,6 +112,21 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path):
   assert _trajectory(workdir) == finished
 
 
+def test_a_data_position_of_another_layout_is_refused_in_one_line_and_kept(corpus, tmp_path):
+  """A checkpoint whose data position an earlier release wrote (documents dealt
+  to processes: no ``format``) is readable but cannot be continued: one line,
+  and the checkpoint stays where it is (it is not damaged)."""
+  workdir = tmp_path / "run"
+  assert _run(corpus, workdir, **{"train.steps": 4}).returncode == 0
+  position = workdir / "checkpoints" / "4" / "data" / "process_0-of-1.json"
+  position.write_text(json.dumps({"next_index": 17, "parent": {}}))
+  result = _run(corpus, workdir, **{"train.steps": 4})
+  lines = [l for l in result.stderr.splitlines() if l.startswith("train.py: error:")]
+  assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+  assert "format=None" in lines[0] and "expected format=2" in lines[0]
+  assert position.exists() and not (workdir / "checkpoints_damaged").exists()
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(corpus, tmp_path):
   workdir = tmp_path / "run"
   result = _run(corpus, workdir, **{"optimizer.peak_lr": 1e30, "optimizer.warmup_steps": 0,
