@@ -7,6 +7,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -274,11 +275,15 @@ def test_empty_or_non_text_corpus_is_one_clear_line(corpus, tmp_path, make, mess
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_on_the_host():
-  mesh = training.make_mesh()
   batch = {k: np.array(v) for k, v in _batch(4).items()}
+  config = ml_collections.ConfigDict({"data": {"batch_size": batch["inputs"].shape[0],
+                                               "seq_len": batch["inputs"].shape[1],
+                                               "vocab_size": VOCAB}})
+  feed = loop._BatchFeed(config, training.batch_sharding(training.make_mesh()))
+  assert feed(batch, 0)["inputs"].shape == batch["inputs"].shape
   batch["inputs"][1, 2] = VOCAB
   with pytest.raises(ValueError, match=f"token id {VOCAB} in inputs of batch 7 is outside"):
-    loop._global_batch(batch, training.batch_sharding(mesh), VOCAB, 7)
+    feed(batch, 7)
 
 
 def test_train_script_reports_bad_input_in_one_line_on_stderr(corpus, tmp_path):
