@@ -157,6 +157,7 @@ def test_throughput_is_measured_once_per_device_and_read_back(corpus, tmp_path, 
   assert len(lib.read_csv(path)) == 1
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_sweep_trains_every_class_reports_and_resumes(corpus, tmp_path, monkeypatch):
   sweep = tiny_sweep(*corpus)
   workdir = tmp_path / "sweep"

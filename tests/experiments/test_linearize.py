@@ -24,6 +24,7 @@ def teacher(corpus, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_only_lora_is_trained_and_all_three_models_are_scored(teacher, tmp_path):
   workdir = tmp_path / "liger"
   report = linearize.linearize(str(teacher), str(workdir), mixer="liger_attention", window=8,
@@ -53,6 +54,7 @@ def test_only_lora_is_trained_and_all_three_models_are_scored(teacher, tmp_path)
   assert "linearize" not in linearize.format_table(report)   # a table, not a traceback
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_an_existing_workdir_is_refused(teacher, tmp_path):
   with pytest.raises(ValueError, match="exists; expected a new directory"):
     linearize.linearize(str(teacher), str(tmp_path), mixer="liger_gla", window=8,

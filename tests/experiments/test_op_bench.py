@@ -26,6 +26,7 @@ def _row(op, impl, fwd_bwd_ms, **fields):
   return row
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_a_tiny_run_of_every_op_and_impl_gives_complete_rows():
   # One run for every check: with `pytest -n 2` a shared fixture would be
   # computed once per worker.

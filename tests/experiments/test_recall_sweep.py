@@ -36,6 +36,7 @@ def swept(tmp_path_factory):
   return workdir, recall_lib.sweep(_tiny(), workdir)
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_the_sweep_writes_one_row_per_model_and_its_figures(swept):
   workdir, table = swept
   assert [row["model"] for row in table] == ["attention-d16", "jrt-d16-feature_dim2"]
@@ -64,6 +65,7 @@ def test_state_grows_with_the_knob():
   assert large > small
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_a_rerun_skips_finished_cells(swept, monkeypatch):
   workdir, table = swept
   def no_training(*args, **kwargs):
@@ -72,6 +74,7 @@ def test_a_rerun_skips_finished_cells(swept, monkeypatch):
   assert recall_lib.sweep(_tiny(), workdir) == table
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_a_workdir_of_another_sweep_is_refused(swept):
   workdir, _ = swept
   other = _tiny()
@@ -84,6 +87,7 @@ def test_a_workdir_of_another_sweep_is_refused(swept):
     recall_lib.sweep(longer, workdir)
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_another_tasks_settings_do_not_make_a_sweep_different(swept, monkeypatch):
   workdir, table = swept
   monkeypatch.setattr(tasks, "fit", lambda *a, **k: pytest.fail("a finished cell was retrained"))
@@ -97,6 +101,7 @@ def test_bad_grid_entries_are_named():
     recall_lib.Model.parse("mamba3:64:4")
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_jrt_eval_reads_the_cells_back_and_reports_deltas(swept):
   workdir, table = swept
   rows = recall_lib.jrt_table(workdir, repeats=2)

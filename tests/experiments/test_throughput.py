@@ -177,6 +177,7 @@ def sweep(tmp_path_factory):
   return out, _run(out, "--lengths=16,32", "--modes=prefill,decode")
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_a_tiny_sweep_writes_a_measured_row_per_cell_plots_and_crossovers(sweep):
   out, result = sweep
   rows = _rows(out)
@@ -194,6 +195,7 @@ def test_a_tiny_sweep_writes_a_measured_row_per_cell_plots_and_crossovers(sweep)
   assert "matmul peak" in result.stdout and "crossover length" in result.stdout
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_the_kv_cache_grows_with_the_context_and_the_recurrent_state_does_not(sweep):
   rows = _rows(sweep[0])
   gpt = [int(_row(rows, "gpt", "prefill", t)["state_bytes"]) for t in (16, 32)]
@@ -201,6 +203,7 @@ def test_the_kv_cache_grows_with_the_context_and_the_recurrent_state_does_not(sw
   assert gpt[1] > gpt[0] and qlstm[0] == qlstm[1]
 
 
+@pytest.mark.slow   # a whole experiment run: `make test-slow`
 def test_a_second_run_reuses_every_row_and_measures_nothing(sweep):
   out, _ = sweep
   before = _rows(out)
