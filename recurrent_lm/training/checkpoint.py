@@ -1,13 +1,16 @@
 """Checkpoints: an orbax ``CheckpointManager`` of the train state and the data iterator.
 
-Each checkpoint ``<workdir>/checkpoints/<step>/`` holds two items:
-``state`` (the ``TrainState``: params, optimizer state, step, RNG) and
-``data`` (the grain iterator's position: one ``process_<i>-of-<n>.json`` per
-process, each holding that process's rows of the global batch), saved
-asynchronously; the newest ``keep`` are kept. The arrays reshard onto any mesh
-(orbax reads each device's slice), and the data position is the rows of all
-``n`` files merged (``data.merge_data_states``), so a checkpoint written by
-``n`` processes resumes on any other number. Restoring takes the newest checkpoint that reads back; a
+Each checkpoint ``<workdir>/checkpoints/<step>/`` holds two items, saved
+asynchronously; the newest ``keep`` are kept:
+
+- ``state``: the ``TrainState`` (params, optimizer state, step, RNG). The
+  arrays reshard onto any mesh: orbax reads each device's slice.
+- ``data``: the grain iterator's position, one ``process_<i>-of-<n>.json`` per
+  process holding that process's rows of the global batch. Restoring merges
+  the rows of all ``n`` files (``data.merge_data_states``), so a checkpoint
+  written by ``n`` processes resumes on any other number.
+
+Restoring takes the newest checkpoint that reads back; a
 damaged one (truncated, corrupted) is reported, moved aside to
 ``<workdir>/checkpoints_damaged/`` — never deleted — and the one before it is
 tried, so a crash during a save can never make a run crash-loop.
