@@ -185,6 +185,8 @@ def linear_scan(a, b, h0=None, *, axis_name: str, segment_ids=None, impl: str = 
   h_local, last_local = linear_scan_lib.linear_scan(a32, b32, segment_ids=segment_ids,
                                                     impl=impl, chunk_size=chunk_size)
   # Â_t, the product of a since the shard's start: the same recurrence from 1 with no input.
+  # (jnp.cumprod instead measured slower, forward + backward at T = 65,536 over 8 CPU
+  # devices: 0.31-0.33 s against 0.27 s.)
   decay, _ = linear_scan_lib.linear_scan(a32, jnp.zeros_like(a32), jnp.ones_like(a32[:, 0]),
                                          segment_ids=segment_ids, impl=impl,
                                          chunk_size=chunk_size)
